@@ -1,0 +1,37 @@
+"""resu: resurrection of sparse units — torch.compile-native sparse-parameter training.
+
+::
+
+    import resu
+    resu.sparsify_(model)                        # nn.Linear weights become ResuParameters, in place
+    resu.prune_(model, 0.7, method="wanda", calib=batches)
+    resu.enter_resu_(model, epsilon=0.1)         # θ in the pruned slots, active weights frozen
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    model = torch.compile(model, fullgraph=True)
+    ...                                          # train as usual
+    resu.exit_resu_(model, commit=True)
+"""
+
+from resu.api.prune import prune_
+from resu.api.resu_phase import enter_resu_, exit_resu_
+from resu.api.sparsify import densify_, sparsify_
+from resu.optim.resu_adamw import ResuAdamW
+from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.mask import SparseMask
+from resu.tensors.mode import ResuMode
+from resu.tensors.resu_parameter import ResuParameter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompactGrad",
+    "ResuAdamW",
+    "ResuMode",
+    "ResuParameter",
+    "SparseMask",
+    "densify_",
+    "enter_resu_",
+    "exit_resu_",
+    "prune_",
+    "sparsify_",
+]

@@ -1,0 +1,77 @@
+"""``enter_resu_`` / ``exit_resu_``: starting and ending a resurrection phase."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from resu.api.params import require_resu_parameters
+from resu.api.validation import check_nonnegative
+from resu.tensors.mode import ResuMode
+
+
+def _active_std(p) -> float:
+    active = p._gather_active(p.effective_weight()).float()
+    return float(active.std()) if active.numel() > 1 else 0.0
+
+
+def enter_resu_(model: nn.Module, epsilon: float = 0.1, *, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Start a RESU phase: freeze active weights and give every pruned slot a trainable θ, in place.
+
+    θ ~ N(0, (ε·σ_A)²) is written into the pruned slots, where σ_A is the standard deviation of that
+    weight's active values (0 if it has fewer than two). Train with :class:`resu.ResuAdamW`: it updates θ
+    only; gradients of RESU weights hold θ values only (:class:`~resu.tensors.compact_grad.CompactGrad`).
+
+    Args:
+        model: a pruned model (every ResuParameter in SPARSE mode, see :func:`resu.prune_`).
+        epsilon: θ initialisation scale relative to σ_A, >= 0.
+        generator: random generator for θ.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: a bad ``epsilon``, or a ResuParameter without a mask (DENSE mode: call
+            :func:`resu.prune_` first) or already in RESU mode. The model is left unchanged.
+    """
+    epsilon = check_nonnegative(epsilon, "epsilon", "enter_resu_")
+    params = require_resu_parameters(model, "enter_resu_")
+    for name, p in params:
+        if p.mode is ResuMode.DENSE:
+            raise ValueError(f"enter_resu_: `{name}` has no mask; call resu.prune_(model, sparsity) first")
+        if p.mode is ResuMode.RESU:
+            raise ValueError(f"enter_resu_: `{name}` is already in RESU mode; call resu.exit_resu_(model) first")
+    thetas = []
+    for _, p in params:
+        noise = torch.randn(p.n_pruned, generator=generator, dtype=torch.float32, device="cpu" if generator is not None else p.device)
+        thetas.append(noise.to(p.device) * (epsilon * _active_std(p)))
+    for (_, p), theta in zip(params, thetas):
+        p._enter_resu_(theta)
+        p.grad = None
+    return model
+
+
+def exit_resu_(model: nn.Module, commit: bool = True) -> nn.Module:
+    """End a RESU phase, in place.
+
+    Args:
+        model: a model whose ResuParameters are in RESU mode (others are left as they are).
+        commit: True keeps θ in the weight and returns it to DENSE mode (the mask is dropped: every
+            slot is active); False zeroes θ and returns to SPARSE mode with the same mask.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: no ResuParameter of ``model`` is in RESU mode.
+    """
+    params = require_resu_parameters(model, "exit_resu_")
+    in_resu = [p for _, p in params if p.mode is ResuMode.RESU]
+    if not in_resu:
+        raise ValueError("exit_resu_: no weight of `model` is in RESU mode; call resu.enter_resu_(model) first")
+    for p in in_resu:
+        p._exit_resu_(bool(commit))
+        p.grad = None
+    return model

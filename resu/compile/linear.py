@@ -1,0 +1,91 @@
+"""``resu::linear`` and its backward ops: the path every ``F.linear`` with a ResuParameter weight takes.
+
+``ResuParameter.__torch_function__`` routes ``F.linear`` here *above* autograd, so the backward formula
+is ours rather than aten's: the weight gradient goes through ``resu::linear_weight_grad``, which a
+ResuParameter intercepts in ``__torch_dispatch__`` to return a compact θ gradient (RESU) or a masked
+dense one (SPARSE). On plain tensors each op is the dense reference implementation below, which is
+also the CPU and CUDA kernel: the work is a matmul, and θ lives in the weight's pruned slots, so the
+forward needs no gather or scatter.
+
+Autocast does not reach custom ops, so the caller passes the autocast dtype as ``compute_dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+@torch.library.custom_op("resu::linear", mutates_args=())
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], compute_dtype: Optional[torch.dtype]
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the weight cast to ``compute_dtype`` (the autocast dtype) if given."""
+    return F.linear(x, _cast(weight, compute_dtype), bias)
+
+
+@linear.register_fake
+def _linear_fake(x, weight, bias, compute_dtype):
+    dtype = compute_dtype or torch.result_type(x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("resu::linear_input_grad", mutates_args=())
+def linear_input_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]
+) -> torch.Tensor:
+    """``grad_out @ weight``: the gradient of ``F.linear`` with respect to its input."""
+    return grad_out @ _cast(weight, compute_dtype or grad_out.dtype)
+
+
+@linear_input_grad.register_fake
+def _linear_input_grad_fake(grad_out, weight, compute_dtype):
+    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
+
+
+@torch.library.custom_op("resu::linear_weight_grad", mutates_args=())
+def linear_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad_outᵀ @ x`` over all leading dims, in ``weight``'s dtype: the dense weight gradient."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    return (g2.t() @ x2).to(weight.dtype)
+
+
+@linear_weight_grad.register_fake
+def _linear_weight_grad_fake(grad_out, x, weight):
+    return weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, compute_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.compute_dtype = compute_dtype
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.resu.linear_input_grad(grad_out, weight, ctx.compute_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.ops.resu.linear_weight_grad(grad_out, x, weight)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast would run a matmul in on ``device_type``, or None when autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None

@@ -1,0 +1,1 @@
+"""Compatibility namespace for the seed API (``resu.core.mask.SparseMask``)."""

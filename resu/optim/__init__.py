@@ -1,0 +1,5 @@
+"""Optimizers for ResuParameters."""
+
+from resu.optim.resu_adamw import ResuAdamW
+
+__all__ = ["ResuAdamW"]

@@ -1,0 +1,1 @@
+"""Pruning: importance scores, selection of the pruned set, calibration for Wanda."""

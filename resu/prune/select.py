@@ -1,0 +1,45 @@
+"""Turning scores into a pruned set of a given sparsity."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def n_to_prune(count: int, sparsity: float) -> int:
+    """How many of ``count`` slots sparsity ``sparsity`` prunes (rounded to nearest)."""
+    return min(count, max(0, int(round(sparsity * count))))
+
+
+def lowest_scores(scores: torch.Tensor, sparsity: float, scope: str = "row") -> torch.Tensor:
+    """Boolean tensor of ``scores``' shape, True at the slots to prune.
+
+    ``scope="row"`` prunes ``round(sparsity · in_features)`` slots of every row (last dim);
+    ``scope="global"`` prunes ``round(sparsity · numel)`` slots over the whole tensor.
+    """
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if scope == "global":
+        k = n_to_prune(scores.numel(), sparsity)
+        if k:
+            pruned[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = True
+        return pruned.view(scores.shape)
+    rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() else scores.reshape(1, 1)
+    k = n_to_prune(rows.shape[1], sparsity)
+    pruned = pruned.view(rows.shape)
+    if k:
+        idx = torch.topk(rows, k, dim=1, largest=False, sorted=False).indices
+        pruned.scatter_(1, idx, True)
+    return pruned.view(scores.shape)
+
+
+def random_pruned(shape, sparsity: float, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Boolean tensor with exactly ``round(sparsity · numel)`` randomly placed True (pruned) slots."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    k = n_to_prune(numel, sparsity)
+    perm = torch.randperm(numel, generator=generator, device="cpu")[:k]
+    pruned = torch.zeros(numel, dtype=torch.bool)
+    pruned[perm] = True
+    return pruned.view(tuple(shape)).to(device)
