@@ -1,0 +1,44 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import resu
+
+
+def mlp(d_in=12, d_hidden=20, d_out=5, seed=0, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out)).to(dtype)
+
+
+def model_in_mode(mode: str, sparsity=0.5, seed=0, dtype=torch.float32, **kw) -> nn.Module:
+    """An MLP whose Linear weights are ResuParameters in ``mode`` ("dense", "sparse", "resu")."""
+    model = resu.sparsify_(mlp(seed=seed, dtype=dtype, **kw))
+    if mode in ("sparse", "resu"):
+        resu.prune_(model, sparsity)
+    if mode == "resu":
+        resu.enter_resu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything about a model's parameters that must survive an operation unchanged."""
+    out = {}
+    for name, p in model.named_parameters():
+        if isinstance(p, resu.ResuParameter):
+            out[name] = (type(p), p.mode, p.effective_weight().clone(), p.active_mask.clone())
+        else:
+            out[name] = (type(p), None, p.detach().clone(), None)
+    return out
+
+
+def assert_same_snapshot(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        ta, ma, wa, mka = a[k]
+        tb, mb, wb, mkb = b[k]
+        assert ta is tb and ma == mb, k
+        assert torch.equal(wa, wb), k
+        assert (mka is None and mkb is None) or torch.equal(mka, mkb), k
