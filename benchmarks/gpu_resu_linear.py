@@ -81,7 +81,7 @@ def build(kind: str, in_f: int, out_f: int, sparsity: float):
     return layer, resu.ResuAdamW(layer.parameters(), lr=1e-4, weight_decay=0.01)
 
 
-def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters):
+def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False):
     layer, opt = build(kind, in_f, out_f, sparsity)
     fwd_module = torch.compile(layer, fullgraph=True) if compiled else layer
     xs = [torch.randn(tokens, in_f, device="cuda", requires_grad=True) for _ in range(3)]
@@ -104,6 +104,13 @@ def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters):
 
     fwd_ms = _time_ms(forward, iters)
     step_ms = _time_ms(step, iters)
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"--- {kind} step kernels ({'compiled' if compiled else 'eager'}, {out_f}×{in_f}), 5 steps ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     # one more step, stopping before zero_grad, to count what training keeps alive
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = fwd_module(xs[0])
@@ -121,6 +128,7 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each step")
     args = ap.parse_args(argv)
     shapes = [(4096, 4096), (11008, 4096)]  # (in_features, out_features): 4096×4096 and 4096×11008 weights
     if args.quick:
@@ -132,8 +140,9 @@ def main(argv=None):
     rows = []
     for in_f, out_f in shapes:
         for compiled in (False, True):
-            base = measure("dense", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters)
-            ours = measure("resu", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters)
+            prof = args.profile and not compiled and (in_f, out_f) == shapes[0]
+            base = measure("dense", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters, prof)
+            ours = measure("resu", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters, prof)
             tag = "compiled" if compiled else "eager"
             for name, (f, s, m) in (("dense", base), ("resu", ours)):
                 line = (f"{f'{out_f}×{in_f}':>16} {name + '/' + tag[0]:>9} {f:8.3f} {f / base[0]:6.3f} "

@@ -67,11 +67,13 @@ def exit_resu_(model: nn.Module, commit: bool = True) -> nn.Module:
     Raises:
         ValueError: no ResuParameter of ``model`` is in RESU mode.
     """
+    if not isinstance(commit, bool):
+        raise ValueError(f"exit_resu_: `commit` must be True or False, got {commit!r}")
     params = require_resu_parameters(model, "exit_resu_")
     in_resu = [p for _, p in params if p.mode is ResuMode.RESU]
     if not in_resu:
         raise ValueError("exit_resu_: no weight of `model` is in RESU mode; call resu.enter_resu_(model) first")
     for p in in_resu:
-        p._exit_resu_(bool(commit))
+        p._exit_resu_(commit)
         p.grad = None
     return model

@@ -6,7 +6,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from resu.optim.adamw_math import adamw_update_
+from resu.compile.masked_ops import masked_adamw_
+from resu.compile.adamw_math import adamw_update_
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -81,13 +82,12 @@ class ResuAdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
 
     # ------------------------------------------------------------------ state
-    def _trainable(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        """Flat indices of ``p``'s trainable slots, or None when every slot is trainable."""
+    @staticmethod
+    def _n_trainable(p: torch.Tensor) -> Optional[int]:
+        """Number of trainable slots of ``p``, or None when every slot is trainable."""
         if not isinstance(p, ResuParameter) or p.mode is ResuMode.DENSE:
             return None
-        if p.mode is ResuMode.RESU:
-            return p._pruned_indices()
-        return p.mask.active_indices
+        return p.n_pruned if p.mode is ResuMode.RESU else p.numel() - p.n_pruned
 
     def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool) -> dict:
         """The state of ``p``, (re)laid out for its current trainable slots."""
@@ -137,23 +137,21 @@ class ResuAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
-        idx = self._trainable(p)
-        state = self._prepare_state(p, None if idx is None else idx.numel(), amsgrad)
+        n = self._n_trainable(p)
+        state = self._prepare_state(p, n, amsgrad)
         state["step"] += 1
         step = int(state["step"].item())
         max_sq = state.get("max_exp_avg_sq") if amsgrad else None
         grad = p.grad
-        if idx is None:
+        if n is None:
             target = p._weight if isinstance(p, ResuParameter) else p
             if isinstance(grad, CompactGrad):
                 grad = grad.to_dense()
             adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
             return
-        flat = p._weight.view(-1)
         if isinstance(grad, CompactGrad):
-            g = grad.values
-        else:
-            g = grad.reshape(-1).index_select(0, idx)
-        values = flat.index_select(0, idx)
-        adamw_update_(values, g.to(values.dtype), state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
-        flat.index_copy_(0, idx, values)
+            grad = grad.values
+        masked_adamw_(
+            p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
+            p._mask_storage, p._encoding.value, p.n_pruned, p.mode is ResuMode.RESU, step, **hyper,
+        )

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 import resu.compile.linear  # noqa: F401  (registers torch.ops.resu.linear*)
+import resu.compile.masked_ops  # noqa: F401  (registers torch.ops.resu.gather_masked)
 from resu.compile.linear import autocast_dtype
 from resu.tensors import mask as mask_ops
 from resu.tensors.compact_grad import CompactGrad
@@ -188,8 +189,7 @@ class ResuParameter(torch.Tensor):
     def _zero_pruned_(self, dense: torch.Tensor) -> torch.Tensor:
         """Zero the pruned slots of ``dense`` (same shape as this parameter) in place."""
         flat = dense.view(-1)
-        zeros = torch.zeros(self._n_pruned, dtype=dense.dtype, device=dense.device)
-        flat.copy_(mask_ops.scatter_pruned(flat, zeros, self._mask_storage, self._encoding, self.numel(), self._n_pruned))
+        flat.copy_(mask_ops.zero_pruned(flat, self._mask_storage, self._encoding, self.numel(), self._n_pruned))
         return dense
 
     def _write_pruned_(self, values: torch.Tensor) -> None:
@@ -326,9 +326,15 @@ def _linear_input_grad(func, args, kwargs):
 @implements(torch.ops.resu.linear_weight_grad.default)
 def _linear_weight_grad(func, args, kwargs):
     grad_out, x, weight = args
-    dense = func(grad_out, x, weight._weight)
     if weight._mode is ResuMode.RESU:
-        return CompactGrad(weight._gather_pruned(dense), weight._mask_storage, weight._encoding, weight.shape)
+        # Gather θ's gradient straight from the matmul result (bf16 under autocast): the dense
+        # weight-dtype gradient is never materialized.
+        dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        values = torch.ops.resu.gather_masked(
+            dense, weight._mask_storage, weight._encoding.value, weight._n_pruned, True, weight.dtype
+        )
+        return CompactGrad(values, weight._mask_storage, weight._encoding, weight.shape)
+    dense = func(grad_out, x, weight._weight)
     if weight._mode is ResuMode.SPARSE:
         return weight._zero_pruned_(dense)
     return dense

@@ -1,0 +1,119 @@
+"""Triton kernels over bitmap-encoded masks: gather the selected slots, and a fused AdamW step on them.
+
+A bitmap mask (bit 1 = pruned, LSB first, see :mod:`resu.tensors.mask`) says *which* slots are
+selected but not *where* each lands in a compact vector. Each program handles ``BLOCK`` consecutive
+slots; a tiny prefix sum over per-block popcounts (``block_offsets``, computed in PyTorch over n/8
+bytes) gives every block its first compact index, and an in-block ``tl.cumsum`` gives the rest. So
+both kernels are one pass over the weight with no index tensor of size n_pruned ever built.
+
+This module imports Triton; it is only imported by the CUDA kernel registrations and by tests (which
+run it on CPU under ``TRITON_INTERPRET=1``). Each kernel has a plain-PyTorch reference in
+:mod:`resu.compile.masked_ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  # slots per program; a multiple of 8 so blocks start on byte boundaries
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block: int = BLOCK) -> torch.Tensor:
+    """Exclusive prefix sum of selected slots per block of ``block`` slots (int32, one per block)."""
+    n_blocks = triton.cdiv(numel, block)
+    bytes_per_block = block // 8
+    pop = _POPCOUNT.to(storage.device)[storage.to(torch.int64)]
+    pop = torch.nn.functional.pad(pop, (0, n_blocks * bytes_per_block - pop.numel()))
+    counts = pop.view(n_blocks, bytes_per_block).sum(1, dtype=torch.int32)
+    if not select_pruned:
+        sizes = torch.full((n_blocks,), block, dtype=torch.int32, device=storage.device)
+        sizes[-1] = numel - (n_blocks - 1) * block
+        counts = sizes - counts
+    return (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+
+
+@triton.jit
+def _selected(bits_ptr, offs, numel, SELECT_PRUNED: tl.constexpr):
+    in_bounds = offs < numel
+    byte = tl.load(bits_ptr + (offs >> 3), mask=in_bounds, other=0).to(tl.int32)
+    bit = (byte >> (offs & 7)) & 1
+    if SELECT_PRUNED:
+        sel = bit != 0
+    else:
+        sel = bit == 0
+    return sel & in_bounds
+
+
+@triton.jit
+def _gather_kernel(src_ptr, bits_ptr, offsets_ptr, out_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    sel = _selected(bits_ptr, offs, numel, SELECT_PRUNED)
+    seli = sel.to(tl.int32)
+    rank = tl.load(offsets_ptr + pid) + tl.cumsum(seli, axis=0) - seli
+    vals = tl.load(src_ptr + offs, mask=sel, other=0)
+    tl.store(out_ptr + rank, vals.to(out_ptr.dtype.element_ty), mask=sel)
+
+
+def gather_bitmap(src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector."""
+    numel = src.numel()
+    out = torch.empty(n_selected, dtype=out_dtype, device=src.device)
+    if n_selected == 0 or numel == 0:
+        return out
+    offsets = block_offsets(storage, numel, select_pruned)
+    _gather_kernel[(offsets.numel(),)](src.reshape(-1), storage, offsets, out, numel, select_pruned, BLOCK)
+    return out
+
+
+@triton.jit
+def _adamw_kernel(
+    w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+    SELECT_PRUNED: tl.constexpr, GRAD_COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    sel = _selected(bits_ptr, offs, numel, SELECT_PRUNED)
+    seli = sel.to(tl.int32)
+    rank = tl.load(offsets_ptr + pid) + tl.cumsum(seli, axis=0) - seli
+    w = tl.load(w_ptr + offs, mask=sel, other=0).to(tl.float32)
+    if GRAD_COMPACT:
+        g = tl.load(g_ptr + rank, mask=sel, other=0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + offs, mask=sel, other=0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_ptr + rank, mask=sel, other=0).to(tl.float32)
+    v = tl.load(v_ptr + rank, mask=sel, other=0).to(tl.float32)
+    w = w * decay
+    m = m + (g - m) * (1 - beta1)
+    v = v * beta2 + g * g * (1 - beta2)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    w = w - step_size * (m / denom)
+    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=sel)
+    tl.store(m_ptr + rank, m.to(m_ptr.dtype.element_ty), mask=sel)
+    tl.store(v_ptr + rank, v.to(v_ptr.dtype.element_ty), mask=sel)
+
+
+def adamw_bitmap_(
+    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    storage: torch.Tensor, select_pruned: bool, step: int, *,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense)."""
+    numel = weight.numel()
+    if numel == 0 or exp_avg.numel() == 0:
+        return
+    offsets = block_offsets(storage, numel, select_pruned)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    _adamw_kernel[(offsets.numel(),)](
+        weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, storage, offsets, numel,
+        1 - lr * weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2_sqrt,
+        select_pruned, grad.numel() != numel, maximize, BLOCK,
+    )
