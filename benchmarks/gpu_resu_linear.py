@@ -24,19 +24,37 @@ import resu
 from resu.tensors.compact_grad import CompactGrad
 
 
-def _time_ms(fn, iters: int, warmup: int = 3) -> float:
+def _time_ms(fn, iters: int, warmup: int = 3, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls (CUDA events).
+
+    Calls are queued back to back, as in a training loop, so host-side overhead only shows when the
+    host cannot keep ahead of the GPU.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(iters):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
+
+
+def _host_ms(fn, iters: int) -> float:
+    """Host time per call with the GPU queue drained before and after: the launch-overhead view."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def _tensor_bytes(tensors) -> int:
@@ -104,6 +122,7 @@ def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False)
 
     fwd_ms = _time_ms(forward, iters)
     step_ms = _time_ms(step, iters)
+    sync_step_ms = _host_ms(step, iters)
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -119,7 +138,7 @@ def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False)
     mem = persistent_bytes(layer, opt)
     del layer, opt, fwd_module, xs, gs, out
     torch.cuda.empty_cache()
-    return fwd_ms, step_ms, mem
+    return fwd_ms, step_ms, mem, sync_step_ms
 
 
 def main(argv=None):
@@ -135,7 +154,8 @@ def main(argv=None):
         shapes, args.tokens, args.iters = [(512, 256)], 256, 5
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  tokens={args.tokens}  "
           f"sparsity={args.sparsity}  bf16 autocast, fp32 master weights")
-    header = f"{'weight (out×in)':>16} {'mode':>9} {'fwd ms':>8} {'fwd×':>6} {'step ms':>8} {'step×':>6} {'mem MiB':>8} {'mem×':>6}"
+    header = (f"{'weight (out×in)':>16} {'mode':>9} {'fwd ms':>8} {'fwd×':>6} {'step ms':>8} {'step×':>6} "
+              f"{'mem MiB':>8} {'mem×':>6} {'synced step ms':>15} {'×':>6}")
     print(header)
     rows = []
     for in_f, out_f in shapes:
@@ -144,11 +164,13 @@ def main(argv=None):
             base = measure("dense", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters, prof)
             ours = measure("resu", in_f, out_f, args.tokens, args.sparsity, compiled, args.iters, prof)
             tag = "compiled" if compiled else "eager"
-            for name, (f, s, m) in (("dense", base), ("resu", ours)):
+            for name, (f, s, m, h) in (("dense", base), ("resu", ours)):
                 line = (f"{f'{out_f}×{in_f}':>16} {name + '/' + tag[0]:>9} {f:8.3f} {f / base[0]:6.3f} "
-                        f"{s:8.3f} {s / base[1]:6.3f} {m / 2**20:8.1f} {m / base[2]:6.3f}")
+                        f"{s:8.3f} {s / base[1]:6.3f} {m / 2**20:8.1f} {m / base[2]:6.3f} {h:15.3f} {h / base[3]:6.3f}")
                 print(line, flush=True)
                 rows.append(line)
+    print("mode: /e eager, /c torch.compile(fullgraph=True). fwd/step: back-to-back CUDA-event timing;")
+    print("synced step: host wall time with a device sync after every step (shows launch overhead).")
     print("targets (DESIGN.md §7): RESU forward ≤ 1.02×, step ≤ 0.90×, memory ≤ 0.65× of dense")
 
 

@@ -19,14 +19,23 @@ import triton.language as tl
 
 BLOCK = 1024  # slots per program; a multiple of 8 so blocks start on byte boundaries
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+_POPCOUNT_CPU = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+_POPCOUNT_BY_DEVICE: dict[torch.device, torch.Tensor] = {}
+
+
+def _popcount_table(device: torch.device) -> torch.Tensor:
+    # Cached per device: a host-to-device copy on every call would stall the CPU on the GPU queue.
+    table = _POPCOUNT_BY_DEVICE.get(device)
+    if table is None:
+        table = _POPCOUNT_BY_DEVICE[device] = _POPCOUNT_CPU.to(device)
+    return table
 
 
 def block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block: int = BLOCK) -> torch.Tensor:
     """Exclusive prefix sum of selected slots per block of ``block`` slots (int32, one per block)."""
     n_blocks = triton.cdiv(numel, block)
     bytes_per_block = block // 8
-    pop = _POPCOUNT.to(storage.device)[storage.to(torch.int64)]
+    pop = _popcount_table(storage.device)[storage.to(torch.int64)]
     pop = torch.nn.functional.pad(pop, (0, n_blocks * bytes_per_block - pop.numel()))
     counts = pop.view(n_blocks, bytes_per_block).sum(1, dtype=torch.int32)
     if not select_pruned:

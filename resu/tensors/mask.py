@@ -364,7 +364,7 @@ def gather_active(
     numel: int,
     n_pruned: int,
 ) -> torch.Tensor:
-    """Values of ``flat_values`` at the active positions, ``(numel - n_pruned,)``, ascending order."""
+    """Values of ``flat_values`` at the active positions, ``(numel - n_pruned,)``, ascending."""
     enc = _prep(storage, encoding, numel, n_pruned)
     flat = _flat_view(flat_values, numel)
     return flat.index_select(0, _active_index(storage, enc, numel, n_pruned))
@@ -467,7 +467,7 @@ def _validate_contents(
 
 @dataclasses.dataclass(frozen=True)
 class MaskStats:
-    """Counts of a mask: ``total`` positions, ``n_active`` + ``n_pruned``, ``sparsity`` = pruned / total."""
+    """Counts of a mask: ``total`` = ``n_active`` + ``n_pruned``; ``sparsity`` = pruned / total."""
 
     total: int
     n_active: int
@@ -515,7 +515,8 @@ class SparseMask:
                 ) from exc
             if pruned_indices.numel() == 0:
                 pruned_indices = pruned_indices.to(torch.int64)
-        if pruned_indices.dtype == torch.bool or pruned_indices.is_floating_point() or pruned_indices.is_complex():
+        dtype = pruned_indices.dtype
+        if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
             raise ValueError(
                 f"pruned_indices must be a 1-D integer tensor, got dtype {pruned_indices.dtype}"
             )
@@ -570,7 +571,9 @@ class SparseMask:
         obj._adaptive = adaptive
         return obj
 
-    def _args(self, device: torch.device | None = None) -> tuple[torch.Tensor, MaskEncoding, int, int]:
+    def _args(
+        self, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, MaskEncoding, int, int]:
         storage = self._storage
         if device is not None and storage.device != device:
             storage = storage.to(device)
@@ -774,7 +777,7 @@ class SparseMask:
     # ------------------------------------------------------------------ methods
 
     def apply(self, t: torch.Tensor) -> torch.Tensor:
-        """Return a copy of ``t`` with the pruned positions zeroed (``t.shape`` must equal :attr:`shape`)."""
+        """Copy of ``t`` with the pruned positions zeroed; ``t.shape`` must equal :attr:`shape`."""
         t = self._check_tensor(t)
         return zero_pruned(t, *self._args(t.device))
 
@@ -783,7 +786,8 @@ class SparseMask:
         t = self._check_tensor(t)
         storage, enc, numel, n_pruned = self._args(t.device)
         if enc is MaskEncoding.PRUNED_INDICES and t.is_contiguous():
-            t.view(-1).index_fill_(0, storage.to(torch.int64), 0)
+            zero = torch.zeros((), dtype=t.dtype, device=t.device)
+            t.view(-1).index_put_((storage,), zero)
         else:
             t.masked_fill_(pruned_bool(storage, enc, numel, n_pruned).view(self._shape), 0)
         return t
@@ -835,7 +839,7 @@ class SparseMask:
         return obj
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain dict (tuple of ints, ints, a string and one tensor), safe for ``torch.load(weights_only=True)``."""
+        """Plain dict (shape tuple, ints, a string, one tensor); loads with ``weights_only=True``."""
         return {
             "shape": tuple(self._shape),
             "n_pruned": int(self._n_pruned),
@@ -852,8 +856,9 @@ class SparseMask:
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing key {key!r}")
         n_pruned = state_dict["n_pruned"]
-        if isinstance(n_pruned, torch.Tensor) and n_pruned.numel() == 1 and not n_pruned.is_floating_point():
-            n_pruned = int(n_pruned)
+        if isinstance(n_pruned, torch.Tensor) and n_pruned.numel() == 1:
+            if not n_pruned.is_floating_point():
+                n_pruned = int(n_pruned)
         return cls.from_storage(
             state_dict["storage"],
             state_dict["encoding"],
