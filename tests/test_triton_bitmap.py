@@ -7,7 +7,7 @@ On CPU they run under ``TRITON_INTERPRET=1`` (set by conftest); on a GPU they ru
 import pytest
 import torch
 
-from resu.compile.masked_ops import gather_masked, masked_adamw_reference_
+from resu.compile.masked_ops import gather_masked_reference, masked_adamw_reference_
 from resu.tensors import mask as mask_ops
 
 triton_bitmap = pytest.importorskip("resu.compile.triton_bitmap")
@@ -41,7 +41,7 @@ def test_gather_matches_reference(device, shape, sparsity, select_pruned, dtypes
     src = torch.randn(shape, device=device).to(src_dtype)
     n_sel = k if select_pruned else src.numel() - k
     got = triton_bitmap.gather_bitmap(src, storage, n_sel, select_pruned, out_dtype)
-    ref = gather_masked._init_fn(src, storage, "bitmap", k, select_pruned, out_dtype)
+    ref = gather_masked_reference(src, storage, "bitmap", k, select_pruned, out_dtype)
     expected = src.reshape(-1)[pruned if select_pruned else ~pruned].to(out_dtype)
     assert got.shape == ref.shape == expected.shape
     assert torch.equal(got, ref) and torch.equal(got, expected)

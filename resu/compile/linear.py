@@ -17,49 +17,58 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from resu.compile.registry import LIB, define_op
+
 
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
-@torch.library.custom_op("resu::linear", mutates_args=())
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], compute_dtype: Optional[torch.dtype]
-) -> torch.Tensor:
+def linear_reference(x, weight, bias, compute_dtype):
     """``F.linear(x, weight, bias)`` with the weight cast to ``compute_dtype`` (the autocast dtype) if given."""
     return F.linear(x, _cast(weight, compute_dtype), bias)
 
 
-@linear.register_fake
 def _linear_fake(x, weight, bias, compute_dtype):
     dtype = compute_dtype or torch.result_type(x, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
 
 
-@torch.library.custom_op("resu::linear_input_grad", mutates_args=())
-def linear_input_grad(
-    grad_out: torch.Tensor, weight: torch.Tensor, compute_dtype: Optional[torch.dtype]
-) -> torch.Tensor:
+def linear_input_grad_reference(grad_out, weight, compute_dtype):
     """``grad_out @ weight``: the gradient of ``F.linear`` with respect to its input."""
     return grad_out @ _cast(weight, compute_dtype or grad_out.dtype)
 
 
-@linear_input_grad.register_fake
 def _linear_input_grad_fake(grad_out, weight, compute_dtype):
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
 
 
-@torch.library.custom_op("resu::linear_weight_grad", mutates_args=())
-def linear_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def linear_weight_grad_reference(grad_out, x, weight):
     """``grad_outᵀ @ x`` over all leading dims, in ``weight``'s dtype: the dense weight gradient."""
     g2 = grad_out.reshape(-1, grad_out.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     return (g2.t() @ x2).to(weight.dtype)
 
 
-@linear_weight_grad.register_fake
 def _linear_weight_grad_fake(grad_out, x, weight):
     return weight.new_empty(weight.shape)
+
+
+linear = define_op(
+    "linear(Tensor x, Tensor weight, Tensor? bias, ScalarType? compute_dtype) -> Tensor",
+    linear_reference,
+    fake=_linear_fake,
+)
+linear_input_grad = define_op(
+    "linear_input_grad(Tensor grad_out, Tensor weight, ScalarType? compute_dtype) -> Tensor",
+    linear_input_grad_reference,
+    fake=_linear_input_grad_fake,
+)
+linear_weight_grad = define_op(
+    "linear_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> Tensor",
+    linear_weight_grad_reference,
+    fake=_linear_weight_grad_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -73,15 +82,15 @@ def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.resu.linear_input_grad(grad_out, weight, ctx.compute_dtype)
+        grad_x = linear_input_grad(grad_out, weight, ctx.compute_dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.ops.resu.linear_weight_grad(grad_out, x, weight)
+        grad_w = linear_weight_grad(grad_out, x, weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
     return grad_x, grad_w, grad_b, None
 
 
-linear.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("resu::linear", _backward, setup_context=_setup_context, lib=LIB)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from resu.compile.adamw_math import adamw_update_
+from resu.compile.registry import define_op
 from resu.tensors import mask as mask_ops
 
 _BITMAP = mask_ops.MaskEncoding.BITMAP.value
@@ -28,10 +29,7 @@ def _use_triton(t: torch.Tensor, encoding: str) -> bool:
     return t.is_cuda and encoding == _BITMAP
 
 
-@torch.library.custom_op("resu::gather_masked", mutates_args=())
-def gather_masked(
-    src: torch.Tensor, storage: torch.Tensor, encoding: str, n_pruned: int, select_pruned: bool, out_dtype: torch.dtype
-) -> torch.Tensor:
+def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     """The pruned (``select_pruned``) or active slots of ``src``, ascending flat order, as ``out_dtype``.
 
     Reference implementation (every device; index encodings on CUDA too).
@@ -44,20 +42,27 @@ def gather_masked(
     return out.to(out_dtype)
 
 
-@gather_masked.register_kernel("cuda")
 def _gather_masked_cuda(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     if encoding != _BITMAP:
-        return gather_masked._init_fn(src, storage, encoding, n_pruned, select_pruned, out_dtype)
+        return gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype)
     from resu.compile.triton_bitmap import gather_bitmap
 
     n_sel = n_pruned if select_pruned else src.numel() - n_pruned
     return gather_bitmap(src.contiguous(), storage, n_sel, select_pruned, out_dtype)
 
 
-@gather_masked.register_fake
 def _gather_masked_fake(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     n_sel = n_pruned if select_pruned else src.numel() - n_pruned
     return src.new_empty((n_sel,), dtype=out_dtype)
+
+
+gather_masked = define_op(
+    "gather_masked(Tensor src, Tensor storage, str encoding, int n_pruned, bool select_pruned, "
+    "ScalarType out_dtype) -> Tensor",
+    gather_masked_reference,
+    fake=_gather_masked_fake,
+    cuda=_gather_masked_cuda,
+)
 
 
 @torch.no_grad()

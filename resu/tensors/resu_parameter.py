@@ -36,6 +36,7 @@ aten = torch.ops.aten
 _OPS = OpTable("ResuParameter")
 implements = _OPS.implements
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
+_LINEAR_OP = torch.ops.resu.linear.default
 
 
 def _new_layout_id() -> int:
@@ -241,7 +242,7 @@ class ResuParameter(torch.Tensor):
                     if dtype is not None:
                         x = x.to(dtype)
                         bias = bias.to(dtype) if bias is not None else None
-                    return torch.ops.resu.linear(x, weight, bias, dtype)
+                    return _LINEAR_OP(x, weight, bias, dtype)
         # Everything else runs as usual; results are not re-wrapped (unlike the default
         # __torch_function__, which would turn every output into this subclass).
         with torch._C.DisableTorchFunctionSubclass():
