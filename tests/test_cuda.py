@@ -66,3 +66,31 @@ def test_cuda_resu_adamw_matches_cpu():
         wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
         wb = b.effective_weight() if isinstance(b, resu.ResuParameter) else b
         torch.testing.assert_close(wb.detach().cpu(), wa.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_optimizer_follows_mask_changes_like_cpu():
+    """SPARSE steps, then RESU steps, then a re-prune: the CUDA kernels' cached mask data never goes stale."""
+    models = [model_in_mode("sparse", sparsity=0.5), model_in_mode("sparse", sparsity=0.5).cuda()]
+    opts = [resu.ResuAdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in models]
+    g = torch.Generator().manual_seed(1)
+
+    def steps(n):
+        for _ in range(n):
+            x = torch.randn(8, 12, generator=g)
+            for m, o, dev in zip(models, opts, ("cpu", "cuda")):
+                o.zero_grad()
+                m(x.to(dev)).pow(2).mean().backward()
+                o.step()
+
+    steps(2)
+    for m in models:
+        resu.enter_resu_(m, epsilon=0.5, generator=torch.Generator().manual_seed(0))
+    steps(2)
+    for m in models:
+        resu.exit_resu_(m, commit=True)
+        resu.prune_(m, 0.3)
+    steps(2)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
+        wb = b.effective_weight() if isinstance(b, resu.ResuParameter) else b
+        torch.testing.assert_close(wb.detach().cpu(), wa.detach(), rtol=1e-4, atol=1e-5)

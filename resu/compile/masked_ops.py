@@ -77,18 +77,26 @@ def masked_adamw_(
     n_pruned: int,
     select_pruned: bool,
     step: int,
+    rank_cache: Optional[dict] = None,
     **hyper,
 ) -> None:
     """AdamW on the selected slots of ``weight`` in place; other slots are never written.
 
     ``grad`` is either compact (one value per selected slot) or dense (weight-shaped); the states
-    are compact. Bitmap masks on CUDA take the fused Triton kernel (not for AMSGrad).
+    are compact. Bitmap masks on CUDA take the fused Triton kernel (not for AMSGrad). ``rank_cache``
+    is a dict the caller keeps per mask (it must be emptied when the mask changes): the kernel's
+    per-block rank offsets are stored there instead of being recomputed every step.
     """
     encoding = mask_ops.MaskEncoding(encoding).value
     if max_exp_avg_sq is None and _use_triton(weight, encoding) and weight.is_contiguous():
-        from resu.compile.triton_bitmap import adamw_bitmap_
+        from resu.compile.triton_bitmap import adamw_bitmap_, block_offsets
 
-        adamw_bitmap_(weight, grad, exp_avg, exp_avg_sq, storage, select_pruned, step, **hyper)
+        offsets = None
+        if rank_cache is not None:
+            offsets = rank_cache.get(select_pruned)
+            if offsets is None:
+                offsets = rank_cache[select_pruned] = block_offsets(storage, weight.numel(), select_pruned)
+        adamw_bitmap_(weight, grad, exp_avg, exp_avg_sq, storage, select_pruned, step, offsets=offsets, **hyper)
         return
     masked_adamw_reference_(weight, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, storage, encoding, n_pruned, select_pruned, step, **hyper)
 

@@ -113,12 +113,17 @@ def adamw_bitmap_(
     weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     storage: torch.Tensor, select_pruned: bool, step: int, *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    offsets: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense)."""
+    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense).
+
+    ``offsets`` may pass in a cached :func:`block_offsets` of this mask (it depends on the mask only).
+    """
     numel = weight.numel()
     if numel == 0 or exp_avg.numel() == 0:
         return
-    offsets = block_offsets(storage, numel, select_pruned)
+    if offsets is None:
+        offsets = block_offsets(storage, numel, select_pruned)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     _adamw_kernel[(offsets.numel(),)](

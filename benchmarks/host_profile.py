@@ -1,0 +1,66 @@
+"""Where the host time of one RESU training step goes (cProfile), eager and compiled, on one GPU.
+
+    PYTHONPATH=. python benchmarks/host_profile.py [--in-features 4096 --out-features 4096 --tokens 8192]
+
+Prints per-step host time with a device sync after each step, then the top functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+import torch.nn as nn
+
+import resu
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--in-features", type=int, default=4096)
+    ap.add_argument("--out-features", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        layer = nn.Linear(args.in_features, args.out_features, bias=False, device="cuda")
+        resu.sparsify_(layer)
+        resu.prune_(layer, 0.5)
+        resu.enter_resu_(layer, epsilon=0.1)
+        opt = resu.ResuAdamW(layer.parameters(), lr=1e-4)
+        run = torch.compile(layer, fullgraph=True) if compiled else layer
+        x = torch.randn(args.tokens, args.in_features, device="cuda", requires_grad=True)
+        g = torch.randn(args.tokens, args.out_features, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = run(x)
+            out.backward(g)
+            opt.step()
+            opt.zero_grad()
+            x.grad = None
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        print(f"=== {'compiled' if compiled else 'eager'}: {(time.perf_counter() - t0) * 1e3 / args.steps:.3f} ms/step (queued)")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.steps):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+
+
+if __name__ == "__main__":
+    main()
