@@ -93,3 +93,15 @@ def test_model_to_dtype_keeps_subclass_and_mask():
     assert isinstance(p, resu.ResuParameter) and p.dtype == torch.bfloat16 and p.mode is resu.ResuMode.RESU
     assert torch.equal(p.active_mask, active)
     assert model(torch.randn(3, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_whole_model_pickle_keeps_parameters():
+    model = model_in_mode("resu")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    p = loaded[0].weight
+    assert isinstance(p, resu.ResuParameter) and isinstance(p, nn.Parameter) and p.requires_grad
+    x = torch.randn(3, 12)
+    assert torch.equal(loaded(x), model(x))

@@ -122,6 +122,7 @@ class ResuParameter(torch.Tensor):
                 self._n_pruned,
                 self._layout_id,
                 self.requires_grad,
+                getattr(self, "_is_param", False),
             ),
         )
 
@@ -257,8 +258,11 @@ class ResuParameter(torch.Tensor):
         return _run_on_effective_weight(func, args, kwargs)
 
 
-def _rebuild_resu_parameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad):
-    return ResuParameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad)
+def _rebuild_resu_parameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad, is_param=False):
+    p = ResuParameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad)
+    if is_param:
+        p._is_param = True  # what nn.Parameter(subclass) sets: keeps isinstance(p, nn.Parameter) after torch.load
+    return p
 
 
 def _linear_args(args, kwargs):
