@@ -26,7 +26,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import resu.compile.linear  # noqa: F401  (registers torch.ops.resu.linear*)
 import resu.compile.masked_ops  # noqa: F401  (registers torch.ops.resu.gather_masked)
-from resu.compile.linear import autocast_dtype
+from resu.compile.linear import (
+    autocast_dtype,
+    linear_input_grad_reference,
+    linear_reference,
+    linear_weight_grad_reference,
+)
 from resu.tensors import mask as mask_ops
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
@@ -316,16 +321,19 @@ def _run_on_effective_weight(func, args, kwargs):
 
 
 # ---------------------------------------------------------------------- op table: resu ops
+# The handlers call the plain-tensor reference implementations directly rather than the ops: the
+# op (what autograd records) is the unit at the ResuParameter level; below it, a compiled graph then
+# holds ordinary aten matmuls that Inductor lowers and fuses itself, with no Python call at run time.
 @implements(torch.ops.resu.linear.default)
 def _linear(func, args, kwargs):
     x, weight, bias, dtype = args
-    return func(_unwrap(x), weight._weight, bias, dtype)
+    return linear_reference(_unwrap(x), weight._weight, bias, dtype)
 
 
 @implements(torch.ops.resu.linear_input_grad.default)
 def _linear_input_grad(func, args, kwargs):
     grad_out, weight, dtype = args
-    return func(grad_out, weight._weight, dtype)
+    return linear_input_grad_reference(grad_out, weight._weight, dtype)
 
 
 @implements(torch.ops.resu.linear_weight_grad.default)
@@ -339,7 +347,7 @@ def _linear_weight_grad(func, args, kwargs):
             dense, weight._mask_storage, weight._encoding.value, weight._n_pruned, True, weight.dtype
         )
         return CompactGrad(values, weight._mask_storage, weight._encoding, weight.shape)
-    dense = func(grad_out, x, weight._weight)
+    dense = linear_weight_grad_reference(grad_out, x, weight._weight)
     if weight._mode is ResuMode.SPARSE:
         return weight._zero_pruned_(dense)
     return dense
