@@ -11,10 +11,10 @@ from resu.api.params import require_resu_parameters
 from resu.api.validation import check_choice, check_fraction
 from resu.prune.calibration import activation_norms
 from resu.prune.scores import magnitude_scores, wanda_scores
-from resu.prune.select import lowest_scores, random_pruned
+from resu.prune.select import lowest_scores, n_m_pruned, random_pruned
 from resu.tensors.mode import ResuMode
 
-METHODS = ("magnitude", "wanda", "random")
+METHODS = ("magnitude", "wanda", "random", "2:4")
 SCOPES = ("row", "global")
 
 
@@ -34,8 +34,9 @@ def prune_(
         model: a model converted with :func:`resu.sparsify_`; its ResuParameters must be in DENSE or
             SPARSE mode (call :func:`resu.exit_resu_` first after a RESU phase).
         sparsity: fraction of slots to prune, in [0, 1].
-        method: ``"magnitude"`` (|W|), ``"wanda"`` (|W|·‖X‖ with activation norms from ``calib``) or
-            ``"random"``.
+        method: ``"magnitude"`` (|W|), ``"wanda"`` (|W|·‖X‖ with activation norms from ``calib``),
+            ``"random"``, or ``"2:4"`` (semi-structured: the 2 smallest |W| of every 4 consecutive
+            input weights; needs ``sparsity=0.5`` and in_features divisible by 4).
         scope: ``"row"`` prunes the same fraction of every output row; ``"global"`` ranks the whole
             weight matrix at once (each weight separately).
         calib: iterable of calibration batches, required by Wanda (see ``forward_fn``).
@@ -57,8 +58,15 @@ def prune_(
         raise ValueError(
             "prune_: method='wanda' needs calibration data; pass calib=<iterable of input batches>"
         )
+    if method == "2:4" and sparsity != 0.5:
+        raise ValueError(f"prune_: method='2:4' prunes exactly half of the weights; pass sparsity=0.5, got {sparsity}")
     params = require_resu_parameters(model, "prune_")
     for name, p in params:
+        if method == "2:4" and p.shape[-1] % 4:
+            raise ValueError(
+                f"prune_: method='2:4' needs in_features divisible by 4, but `{name}` has shape {tuple(p.shape)}; "
+                "exclude it from sparsify_ with filter_fn or use another method"
+            )
         if p.mode is ResuMode.RESU:
             raise ValueError(
                 f"prune_: `{name}` is in RESU mode; call resu.exit_resu_(model) before pruning again"
@@ -70,6 +78,8 @@ def prune_(
     for _, p in params:
         if method == "random":
             pruned = random_pruned(p.shape, sparsity, device=p.device, generator=generator)
+        elif method == "2:4":
+            pruned = n_m_pruned(magnitude_scores(p.effective_weight()), 2, 4)
         else:
             w = p.effective_weight()
             scores = magnitude_scores(w) if method == "magnitude" else wanda_scores(w, norms[id(p)])

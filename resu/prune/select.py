@@ -43,3 +43,15 @@ def random_pruned(shape, sparsity: float, device=None, generator: Optional[torch
     pruned = torch.zeros(numel, dtype=torch.bool)
     pruned[perm] = True
     return pruned.view(tuple(shape)).to(device)
+
+
+def n_m_pruned(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M semi-structured pruning: in every group of ``m`` consecutive slots of a row (last dim),
+    prune the ``n`` lowest-scoring ones. The last dim must be divisible by ``m``."""
+    if scores.shape[-1] % m:
+        raise ValueError(f"{n}:{m} pruning needs in_features divisible by {m}, got {scores.shape[-1]}")
+    groups = scores.reshape(-1, m)
+    idx = torch.topk(groups, n, dim=1, largest=False, sorted=False).indices
+    pruned = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    pruned.scatter_(1, idx, True)
+    return pruned.view(scores.shape)
