@@ -45,8 +45,11 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, *, generator: Optional[t
             raise ValueError(f"enter_resu_: `{name}` is already in RESU mode; call resu.exit_resu_(model) first")
     thetas = []
     for _, p in params:
-        noise = torch.randn(p.n_pruned, generator=generator, dtype=torch.float32, device="cpu" if generator is not None else p.device)
-        thetas.append(noise.to(p.device) * (epsilon * _active_std(p)))
+        device = "cpu" if generator is not None else p.device  # a generator lives on one device
+        noise = torch.randn(p.n_pruned, generator=generator, dtype=torch.float32, device=device)
+        scale = epsilon * _active_std(p)
+        # scale 0 gives exact +0.0 (noise * 0 would leave -0.0 in half the slots)
+        thetas.append(noise.to(p.device) * scale if scale else torch.zeros(p.n_pruned, device=p.device))
     for (_, p), theta in zip(params, thetas):
         p._enter_resu_(theta)
         p.grad = None
