@@ -79,29 +79,34 @@ def test_amp_unscale_on_compact_grad():
     assert found_inf.item() == 1
 
 
-def test_dense_gradient_accumulated_into_compact_keeps_theta_part():
-    """A gradient from outside resu's linear path (x @ W.t()) folds in as its θ part only."""
+def test_gradients_from_other_ops_fold_in_as_their_theta_part():
+    """A gradient from outside resu's linear path (x @ W.t()) keeps its θ part only, alone or accumulated."""
     model = model_in_mode("resu")
     p = model[0].weight
     active = p.active_mask
     x = torch.randn(4, 12)
-    (x @ p.t()).sum().backward()  # aten path: a plain dense gradient
-    dense = p.grad.clone()
-    assert type(dense) is torch.Tensor
-    p.grad = None
-    model[0](x).sum().backward()  # resu path: a compact gradient
-    compact = p.grad.values.clone()
-    torch.testing.assert_close(compact, dense[~active])
-    (x @ p.t()).sum().backward()  # dense accumulated into the compact one
-    assert isinstance(p.grad, CompactGrad)
-    torch.testing.assert_close(p.grad.values, compact + dense[~active])
+    w = p.effective_weight().clone().requires_grad_(True)
+    (x @ w.t()).sum().backward()
+    dense = w.grad
 
-    p.grad = None
-    (x @ p.t()).sum().backward()
-    model[0](x).sum().backward()  # compact accumulated into the dense one
-    expected = dense.clone()
-    expected[~active] += compact
-    torch.testing.assert_close(p.grad, expected)
+    (x @ p.t()).sum().backward()  # aten path alone
+    assert isinstance(p.grad, CompactGrad)
+    torch.testing.assert_close(p.grad.values, dense[~active])
+    model[0](x).sum().backward()  # resu path accumulated onto it
+    torch.testing.assert_close(p.grad.values, 2 * dense[~active])
+    (x @ p.t()).sum().backward()  # aten path accumulated onto a compact gradient
+    assert isinstance(p.grad, CompactGrad)
+    torch.testing.assert_close(p.grad.values, 3 * dense[~active])
+
+
+def test_dense_add_inplace_of_compact_touches_theta_slots_only():
+    model = model_in_mode("resu")
+    model(torch.randn(4, 12)).sum().backward()
+    g = model[0].weight.grad
+    base = torch.randn(g.shape)
+    out = base.clone()
+    out.add_(g)
+    torch.testing.assert_close(out, base + g.to_dense())
 
 
 def test_unsupported_inplace_op_on_compact_grad_raises():

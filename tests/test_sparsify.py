@@ -91,6 +91,7 @@ def test_sparsify_keeps_modules_values_and_flags():
         ref_out = model(x)
     module_types = [(n, type(m)) for n, m in model.named_modules()]
     old = {n: getattr(model, n).weight for n in LINEARS}
+    old_meta = {n: (w.requires_grad, w.shape, w.dtype, w.data_ptr()) for n, w in old.items()}
     old_bits = {n: bits(w) for n, w in old.items()}
     linear_weights = {f"{n}.weight" for n in LINEARS}
     other_params = {n: p for n, p in model.named_parameters() if n not in linear_weights}
@@ -108,11 +109,13 @@ def test_sparsify_keeps_modules_values_and_flags():
         assert isinstance(w, torch.Tensor)
         assert w.mode is ResuMode.DENSE
         assert w.mask is None and w.n_pruned == 0 and w.sparsity == 0.0
-        assert w.requires_grad == old[n].requires_grad
-        assert w.shape == old[n].shape and w.dtype == old[n].dtype
+        requires_grad, shape, dtype, ptr = old_meta[n]
+        assert w.requires_grad == requires_grad
+        assert w.shape == shape and w.dtype == dtype
         assert torch.equal(bits(w.effective_weight()), old_bits[n])
-        # the storage is reused, not copied
-        assert w.effective_weight().data_ptr() == old[n].data_ptr()
+        # the storage is reused, not copied, and the parameter object is kept (contents swapped)
+        assert w.effective_weight().data_ptr() == ptr
+        assert w is old[n]
         assert dict(model.named_parameters())[f"{n}.weight"] is w
     assert model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
     assert not model.frozen.weight.requires_grad

@@ -5,11 +5,30 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
-from resu.tensors.resu_parameter import ResuParameter
+from resu.tensors.resu_parameter import ResuParameter, compact_foreign_grad
 
 FilterFn = Callable[[str, nn.Module], bool]
+
+
+def _replace_parameter(old: nn.Parameter, new: nn.Parameter, owners: list) -> nn.Parameter:
+    """Put ``new`` where ``old`` is, keeping the Python object when possible.
+
+    ``torch.utils.swap_tensors`` swaps the two objects' contents, so an optimizer (or anything else)
+    holding ``old`` sees the new parameter. When swapping is impossible (the old tensor is referenced
+    from elsewhere in a way swap_tensors refuses), the modules get ``new`` by attribute assignment.
+    Returns the object that now holds the new parameter.
+    """
+    try:
+        torch.utils.swap_tensors(old, new)
+        old.grad = None
+        return old
+    except RuntimeError:
+        for module, attr, _ in owners:
+            setattr(module, attr, new)
+        return new
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -27,6 +46,10 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
 
     Modules keep their type (``type(model.fc)`` is still ``nn.Linear``); only ``module.weight``
     changes type, and it stays an ``nn.Parameter`` with the same values, storage and ``requires_grad``.
+    Where possible the parameter object itself is kept (its contents are swapped), so an optimizer
+    built before still holds the converted weight. Linear layers whose weight is not a registered
+    parameter (weight_norm and other parametrizations, uninitialized ``LazyLinear``) are skipped with a
+    warning.
     A weight shared by several Linear modules is converted once and stays shared. A weight that a
     non-Linear module also uses (a language-model head tied to its embedding, say) is left as it is,
     with a warning, since the other module's op would give it a dense gradient.
@@ -48,12 +71,16 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
     owners = _owners(model)
     plan: dict[int, nn.Parameter] = {}
     skipped_tied: list[str] = []
+    skipped_other: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.weight is None:
             continue
         if filter_fn is not None and not filter_fn(name, module):
             continue
         w = module.weight
+        if id(w) not in owners or isinstance(w, nn.parameter.UninitializedParameter):
+            skipped_other.append(name)
+            continue
         if isinstance(w, ResuParameter):
             raise ValueError(
                 f"sparsify_: `{name}.weight` is already a ResuParameter; sparsify_ was called twice on this "
@@ -74,10 +101,17 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
             f"(tied weights): {', '.join(skipped_tied)}",
             stacklevel=2,
         )
+    if skipped_other:
+        warnings.warn(
+            "sparsify_: left these Linear layers as they are because their weight is not a plain registered "
+            f"parameter (a parametrization such as weight_norm, or an uninitialized lazy weight): {', '.join(skipped_other)}",
+            stacklevel=2,
+        )
     for pid, w in plan.items():
         new = nn.Parameter(ResuParameter.from_weight(w.data), requires_grad=w.requires_grad)
-        for module, attr, _ in owners[pid]:
-            setattr(module, attr, new)
+        converted = _replace_parameter(w, new, owners[pid])
+        if converted.requires_grad:
+            converted.register_post_accumulate_grad_hook(compact_foreign_grad)
     return model
 
 
@@ -85,7 +119,8 @@ def densify_(model: nn.Module) -> nn.Module:
     """Replace every ResuParameter of ``model`` with a plain ``nn.Parameter`` of its effective weight.
 
     Use it for export: the result is an ordinary PyTorch model (pruned slots are zero in SPARSE mode
-    and hold θ in RESU mode). Optimizers built before hold the old parameter objects; build new ones.
+    and hold θ in RESU mode). The parameter objects are kept where possible (their contents are
+    swapped); a ResuAdamW built before restarts their states for the dense layout.
 
     Returns:
         ``model`` itself.
@@ -98,7 +133,7 @@ def densify_(model: nn.Module) -> nn.Module:
         for attr, p in list(module._parameters.items()):
             if isinstance(p, ResuParameter) and id(p) not in done:
                 done[id(p)] = nn.Parameter(p.effective_weight().clone(), requires_grad=p.requires_grad)
+    by_id = {id(p): p for module in model.modules() for p in module._parameters.values() if p is not None}
     for pid, new in done.items():
-        for module, attr, _ in owners[pid]:
-            setattr(module, attr, new)
+        _replace_parameter(by_id[pid], new, owners[pid])
     return model

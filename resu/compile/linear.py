@@ -43,11 +43,17 @@ def _linear_input_grad_fake(grad_out, weight, compute_dtype):
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D (tokens, features) matrix; also for zero-size tensors, where ``reshape(-1, 0)`` fails."""
+    n = 1
+    for d in t.shape[:-1]:
+        n *= d
+    return t.reshape(n, t.shape[-1])
+
+
 def linear_weight_grad_reference(grad_out, x, weight):
     """``grad_outᵀ @ x`` over all leading dims, in ``weight``'s dtype: the dense weight gradient."""
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
-    return (g2.t() @ x2).to(weight.dtype)
+    return (rows(grad_out).t() @ rows(x)).to(weight.dtype)
 
 
 def _linear_weight_grad_fake(grad_out, x, weight):
@@ -79,6 +85,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    if torch.is_grad_enabled():
+        # create_graph=True: the backward ops below have no derivative formula of their own.
+        raise NotImplementedError(
+            "double backward (create_graph=True, e.g. a gradient penalty) through a linear layer with a "
+            "ResuParameter weight is not supported; compute the penalty on a model without resu weights"
+        )
     x, weight = ctx.saved_tensors
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
@@ -86,7 +98,7 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         grad_w = linear_weight_grad(grad_out, x, weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grad_b = rows(grad_out).sum(0)
     return grad_x, grad_w, grad_b, None
 
 

@@ -103,13 +103,17 @@ class ResuAdamW(torch.optim.Optimizer):
             state["layout_id"] = layout
             for key in _STATE_KEYS[: 3 if amsgrad else 2]:
                 state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        elif state.get("layout_id", layout) != layout:
-            # New mask or mode: restart the states for the new slot set, in the old storage.
-            state["step"].zero_()
-            state["layout_id"] = layout
-            for key in _STATE_KEYS:
-                if key in state:
-                    state[key].resize_(shape).zero_()
+        elif state.get("layout_id") != layout:
+            if "layout_id" not in state and state["exp_avg"].shape == shape:
+                # States without a layout (from torch.optim.AdamW, say) that fit: adopt them.
+                state["layout_id"] = layout
+            else:
+                # New mask or mode: restart the states for the new slot set, in the old storage.
+                state["step"].zero_()
+                state["layout_id"] = layout
+                for key in _STATE_KEYS:
+                    if key in state:
+                        state[key].resize_(shape).zero_()
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         return state

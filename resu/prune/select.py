@@ -24,6 +24,8 @@ def lowest_scores(scores: torch.Tensor, sparsity: float, scope: str = "row") -> 
         if k:
             pruned[torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices] = True
         return pruned.view(scores.shape)
+    if scores.numel() == 0:
+        return pruned.view(scores.shape)
     rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() else scores.reshape(1, 1)
     k = n_to_prune(rows.shape[1], sparsity)
     pruned = pruned.view(rows.shape)

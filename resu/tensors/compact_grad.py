@@ -8,8 +8,10 @@ fp32 weight instead of 4.
 
 The op table covers what training meets: gradient accumulation (``add``/``add_``), clipping
 (``linalg_vector_norm``, ``mul_``), ``zero_grad`` and AMP unscaling. Any other out-of-place op sees
-the materialized dense gradient (correct, slower); any other in-place op raises, because writing a
-dense result into a compact gradient could not be represented.
+the materialized dense gradient (correct, slower), and so does arithmetic with a scalar or a dense
+tensor (``g + 1`` is dense). In place, a compact gradient only takes values at its θ slots: adding a
+dense tensor into it (``g += dense``, what gradient accumulation does) keeps that tensor's θ part,
+since active slots of a RESU weight have no gradient; any other in-place op raises.
 """
 
 from __future__ import annotations
@@ -159,17 +161,18 @@ def _zeros_like(func, args, kwargs):
 @implements([aten.add.Tensor, aten.sub.Tensor])
 def _add(func, args, kwargs):
     a, b = args[0], args[1]
-    alpha = kwargs.get("alpha", 1)
-    if not isinstance(a, CompactGrad):
-        # dense + compact: the dense tensor keeps its active slots, so the result is dense.
-        return func(a, b.to_dense(), alpha=alpha)
-    return a._with_values(func(a.values, _values_of(b, a), alpha=alpha))
+    if isinstance(a, CompactGrad) and isinstance(b, CompactGrad):
+        return a._with_values(func(a.values, _values_of(b, a), **kwargs))
+    # With a scalar or a dense tensor the result has values at active slots too: it is dense.
+    return func(*tree_map(_densify, args), **kwargs)
 
 
 @implements([aten.add_.Tensor, aten.sub_.Tensor])
 def _add_(func, args, kwargs):
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", 1)
+    if not isinstance(b, CompactGrad) and not isinstance(a, CompactGrad):
+        return func(a, b, **kwargs)
     if not isinstance(a, CompactGrad):
         # dense.add_(compact): only the pruned slots of the dense tensor change.
         sign = -1 if func is aten.sub_.Tensor else 1
@@ -194,6 +197,8 @@ def _scale(func, args, kwargs):
 @implements([aten.mul_.Tensor, aten.div_.Tensor, aten.mul_.Scalar, aten.div_.Scalar])
 def _scale_(func, args, kwargs):
     a, b = args[0], args[1]
+    if not isinstance(a, CompactGrad):  # dense.mul_(compact)
+        return func(a, _densify(b), **kwargs)
     if isinstance(b, torch.Tensor) and b.dim() > 0 and not isinstance(b, CompactGrad):
         raise RuntimeError(f"{func}: a CompactGrad can only be scaled in place by a scalar or 0-dim tensor")
     func(a.values, _values_of(b, a) if isinstance(b, CompactGrad) else b, **kwargs)
@@ -214,6 +219,8 @@ def _zero_(func, args, kwargs):
 @implements(aten.copy_.default)
 def _copy_(func, args, kwargs):
     dst, src = args[0], args[1]
+    if not isinstance(dst, CompactGrad):  # dense.copy_(compact)
+        return func(dst, _densify(src), **kwargs)
     dst.values.copy_(_values_of(src, dst))
     return dst
 
@@ -223,19 +230,23 @@ def _vector_norm(func, args, kwargs):
     g = args[0]
     ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
     dim = args[2] if len(args) > 2 else kwargs.get("dim")
+    keepdim = args[3] if len(args) > 3 else kwargs.get("keepdim", False)
+    dtype = kwargs.get("dtype")
     # Absent (active) slots are zeros, which leave every norm of order >= 0 unchanged.
     if dim is None and isinstance(ord_, numbers.Real) and ord_ >= 0:
-        rest = {k: v for k, v in kwargs.items() if k not in ("ord", "dim")}
         if g.n_pruned == 0:
-            return torch.zeros((), dtype=rest.get("dtype") or g.dtype, device=g.device)
-        return torch.linalg.vector_norm(g.values, ord_, **rest)
+            out = torch.zeros((), dtype=dtype or g.dtype, device=g.device)
+        else:
+            out = torch.linalg.vector_norm(g.values, ord_, dtype=dtype)
+        return out.reshape([1] * g.dim()) if keepdim else out
     return func(*tree_map(_densify, args), **kwargs)
 
 
 @implements(aten._foreach_norm.Scalar)
 def _foreach_norm(func, args, kwargs):
     ord_ = args[1] if len(args) > 1 else kwargs.get("ord", 2)
-    return [torch.linalg.vector_norm(t, ord_) for t in args[0]]
+    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
+    return [torch.linalg.vector_norm(t, ord_, dtype=dtype) for t in args[0]]
 
 
 def _foreach_elementwise(op):

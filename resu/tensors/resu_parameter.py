@@ -31,6 +31,7 @@ from resu.compile.linear import (
     linear_input_grad_reference,
     linear_reference,
     linear_weight_grad_reference,
+    rows,
 )
 from resu.tensors import mask as mask_ops
 from resu.tensors.compact_grad import CompactGrad
@@ -42,6 +43,8 @@ _OPS = OpTable("ResuParameter")
 implements = _OPS.implements
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
 _LINEAR_OP = torch.ops.resu.linear.default
+_SETITEM = torch._C.TensorBase.__setitem__
+_DATA_SET = torch.Tensor.data.__set__  # a method-wrapper: compare with ==, not `is`
 
 
 def _new_layout_id() -> int:
@@ -145,7 +148,11 @@ class ResuParameter(torch.Tensor):
 
     @property
     def mask(self) -> Optional[mask_ops.SparseMask]:
-        """The :class:`~resu.tensors.mask.SparseMask` (sharing this parameter's storage), None in DENSE mode."""
+        """The :class:`~resu.tensors.mask.SparseMask` of this weight, None in DENSE mode.
+
+        It shares this parameter's mask storage; treat it as read-only (``update`` on it does not
+        change the parameter): change masks with :func:`resu.prune_`.
+        """
         if not self._mode.has_mask:
             return None
         return mask_ops.SparseMask.from_storage(self._mask_storage, self._encoding, tuple(self.shape), self._n_pruned)
@@ -232,6 +239,47 @@ class ResuParameter(torch.Tensor):
             self._zero_pruned_(self._weight)
             self._set_layout(ResuMode.SPARSE, self._mask_storage, self._encoding, self._n_pruned)
 
+    def _refuse_write_in_resu(self, what: str) -> None:
+        if self._mode is ResuMode.RESU:
+            raise RuntimeError(
+                f"{what} on a ResuParameter in RESU mode would change its frozen active weights. "
+                "To train θ use resu.ResuAdamW (stock torch.optim optimizers update every slot); to change "
+                "the weights, call resu.exit_resu_(model) first."
+            )
+
+    def _setitem(self, index, value) -> None:
+        """``p[index] = value``: writes the weight; SPARSE keeps pruned slots at zero; refused in RESU."""
+        self._refuse_write_in_resu("item assignment")
+        if torch.is_grad_enabled() and self.requires_grad:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        self._weight[index] = _unwrap(value)
+        if self._mode is ResuMode.SPARSE:
+            self._zero_pruned_(self._weight)
+
+    def _set_data(self, new: torch.Tensor) -> None:
+        """``p.data = new``: same shape, dtype and device only (the wrapper's metadata is fixed).
+
+        From a ResuParameter, takes its weight, mode and mask. From a plain tensor: DENSE shares its
+        storage (as ``.data =`` does); SPARSE copies it and keeps pruned slots at zero; RESU refuses.
+        """
+        if (new.shape, new.dtype, new.device) != (self.shape, self.dtype, self.device):
+            raise RuntimeError(
+                f"cannot assign .data of shape {tuple(new.shape)}, {new.dtype}, {new.device} to a ResuParameter of "
+                f"shape {tuple(self.shape)}, {self.dtype}, {self.device}; use resu.densify_ to get plain parameters"
+            )
+        if isinstance(new, ResuParameter):
+            enc = new._encoding.value if new._encoding is not None else None
+            self._weight = new._weight
+            self._set_layout(new._mode, new._mask_storage, enc, new._n_pruned)
+            self._layout_id = new._layout_id
+            return
+        self._refuse_write_in_resu("assigning .data")
+        if self._mode is ResuMode.SPARSE:
+            self._weight = new.detach().clone().contiguous()
+            self._zero_pruned_(self._weight)
+        else:
+            self._weight = new.detach().contiguous()
+
     def _same_inner(self, weight: torch.Tensor, mask_storage: Optional[torch.Tensor]) -> "ResuParameter":
         enc = self._encoding.value if self._encoding is not None else None
         return ResuParameter(weight, self._mode, mask_storage, enc, self._n_pruned, self._layout_id)
@@ -249,6 +297,10 @@ class ResuParameter(torch.Tensor):
                         x = x.to(dtype)
                         bias = bias.to(dtype) if bias is not None else None
                     return _LINEAR_OP(x, weight, bias, dtype)
+        if func is _SETITEM and isinstance(args[0], ResuParameter):
+            return args[0]._setitem(args[1], args[2])
+        if func == _DATA_SET and isinstance(args[0], ResuParameter):
+            return args[0]._set_data(args[1])
         # Everything else runs as usual; results are not re-wrapped (unlike the default
         # __torch_function__, which would turn every output into this subclass).
         with torch._C.DisableTorchFunctionSubclass():
@@ -261,6 +313,21 @@ class ResuParameter(torch.Tensor):
         if handler is not None:
             return handler(func, args, kwargs)
         return _run_on_effective_weight(func, args, kwargs)
+
+
+def compact_foreign_grad(param: "ResuParameter") -> None:
+    """Post-accumulate-grad hook: in RESU mode, keep only the θ part of a dense gradient.
+
+    Gradients normally arrive compact through ``resu::linear``. A weight used by some other op as
+    well (``x @ W.t()``, or a composite functional such as ``F.multi_head_attention_forward`` that
+    calls ``linear`` internally) receives a dense gradient from aten's formulas; its active-slot part
+    belongs to frozen weights, so it is dropped here and the gradient becomes a CompactGrad.
+    """
+    grad = param.grad
+    if param._mode is ResuMode.RESU and grad is not None and not isinstance(grad, CompactGrad):
+        with torch.no_grad():
+            values = param._gather_pruned(grad).to(param.dtype)
+        param.grad = CompactGrad(values, param._mask_storage, param._encoding, param.shape)
 
 
 def _rebuild_resu_parameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad, is_param=False):
@@ -305,12 +372,7 @@ def _run_on_effective_weight(func, args, kwargs):
     """
     mutated = _mutated_resu_params(func, args, kwargs)
     for p in mutated:
-        if p._mode is ResuMode.RESU:
-            raise RuntimeError(
-                f"{func} would modify a ResuParameter in RESU mode in place, moving its frozen active "
-                "weights. Train RESU weights with resu.ResuAdamW (a stock torch.optim optimizer applies "
-                "weight decay and updates to every slot), or leave RESU mode first with resu.exit_resu_."
-            )
+        p._refuse_write_in_resu(f"in-place {func}")
     out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
     for p in mutated:
         if p._mode is ResuMode.SPARSE:
@@ -342,7 +404,7 @@ def _linear_weight_grad(func, args, kwargs):
     if weight._mode is ResuMode.RESU:
         # Gather θ's gradient straight from the matmul result (bf16 under autocast): the dense
         # weight-dtype gradient is never materialized.
-        dense = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        dense = rows(grad_out).t() @ rows(x)
         values = torch.ops.resu.gather_masked(
             dense, weight._mask_storage, weight._encoding.value, weight._n_pruned, True, weight.dtype
         )
@@ -401,6 +463,12 @@ def _copy_(func, args, kwargs):
         dst._set_layout(src._mode, mask, enc, src._n_pruned)
         dst._layout_id = src._layout_id
         return dst
+    if dst._mode is ResuMode.RESU:
+        raise RuntimeError(
+            "copying a plain tensor into a ResuParameter in RESU mode (load_state_dict of a dense checkpoint?) "
+            "would overwrite its frozen active weights and θ. Load it before resu.enter_resu_, or load a "
+            "state_dict saved from a model with ResuParameters (it carries mode and mask)."
+        )
     return _run_on_effective_weight(func, args, kwargs)
 
 
