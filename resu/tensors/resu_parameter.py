@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 import resu.compile.linear  # noqa: F401  (registers torch.ops.resu.linear*)
 import resu.compile.masked_ops  # noqa: F401  (registers torch.ops.resu.gather_masked)
 from resu.compile.linear import (
+    LinearFunction,
     autocast_dtype,
     linear_input_grad_reference,
     linear_reference,
@@ -42,7 +43,6 @@ aten = torch.ops.aten
 _OPS = OpTable("ResuParameter")
 implements = _OPS.implements
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
-_LINEAR_OP = torch.ops.resu.linear.default
 _SETITEM = torch._C.TensorBase.__setitem__
 _DATA_SET = torch.Tensor.data.__set__  # a method-wrapper: compare with ==, not `is`
 
@@ -296,7 +296,7 @@ class ResuParameter(torch.Tensor):
                     if dtype is not None:
                         x = x.to(dtype)
                         bias = bias.to(dtype) if bias is not None else None
-                    return _LINEAR_OP(x, weight, bias, dtype)
+                    return LinearFunction.apply(x, weight, bias, dtype)
         if func is _SETITEM and isinstance(args[0], ResuParameter):
             return args[0]._setitem(args[1], args[2])
         if func == _DATA_SET and isinstance(args[0], ResuParameter):
