@@ -341,6 +341,24 @@ def active_flat_indices(
     return _active_index(storage, enc, numel, n_pruned).to(torch.int64)
 
 
+def _selected_index(storage, enc: MaskEncoding, numel: int, n_pruned: int, pruned: bool) -> torch.Tensor:
+    return (_pruned_index if pruned else _active_index)(storage, enc, numel, n_pruned)
+
+
+def _gather(flat_values, storage, encoding, numel: int, n_pruned: int, pruned: bool) -> torch.Tensor:
+    enc = _prep(storage, encoding, numel, n_pruned)
+    flat = _flat_view(flat_values, numel)
+    return flat.index_select(0, _selected_index(storage, enc, numel, n_pruned, pruned))
+
+
+def _scatter(flat_values, compact, storage, encoding, numel: int, n_pruned: int, pruned: bool) -> torch.Tensor:
+    enc = _prep(storage, encoding, numel, n_pruned)
+    flat = _flat_view(flat_values, numel)
+    src = _check_compact(compact, n_pruned if pruned else numel - n_pruned, flat)
+    idx = _selected_index(storage, enc, numel, n_pruned, pruned)
+    return flat.index_put((idx,), src).reshape(flat_values.shape)
+
+
 def gather_pruned(
     flat_values: torch.Tensor,
     storage: torch.Tensor,
@@ -352,9 +370,7 @@ def gather_pruned(
 
     With ``PRUNED_INDICES`` storage this is a single ``index_select``.
     """
-    enc = _prep(storage, encoding, numel, n_pruned)
-    flat = _flat_view(flat_values, numel)
-    return flat.index_select(0, _pruned_index(storage, enc, numel, n_pruned))
+    return _gather(flat_values, storage, encoding, numel, n_pruned, pruned=True)
 
 
 def gather_active(
@@ -365,9 +381,7 @@ def gather_active(
     n_pruned: int,
 ) -> torch.Tensor:
     """Values of ``flat_values`` at the active positions, ``(numel - n_pruned,)``, ascending."""
-    enc = _prep(storage, encoding, numel, n_pruned)
-    flat = _flat_view(flat_values, numel)
-    return flat.index_select(0, _active_index(storage, enc, numel, n_pruned))
+    return _gather(flat_values, storage, encoding, numel, n_pruned, pruned=False)
 
 
 def scatter_pruned(
@@ -383,11 +397,7 @@ def scatter_pruned(
     ``compact`` holds ``n_pruned`` values in ascending flat-index order; it is
     cast to ``flat_values.dtype``.  The result has the shape of ``flat_values``.
     """
-    enc = _prep(storage, encoding, numel, n_pruned)
-    flat = _flat_view(flat_values, numel)
-    src = _check_compact(compact, n_pruned, flat)
-    idx = _pruned_index(storage, enc, numel, n_pruned)
-    return flat.index_put((idx,), src).reshape(flat_values.shape)
+    return _scatter(flat_values, compact, storage, encoding, numel, n_pruned, pruned=True)
 
 
 def scatter_active(
@@ -403,11 +413,7 @@ def scatter_active(
     ``compact`` holds ``numel - n_pruned`` values in ascending flat-index order;
     it is cast to ``flat_values.dtype``.  The result has the shape of ``flat_values``.
     """
-    enc = _prep(storage, encoding, numel, n_pruned)
-    flat = _flat_view(flat_values, numel)
-    src = _check_compact(compact, numel - n_pruned, flat)
-    idx = _active_index(storage, enc, numel, n_pruned)
-    return flat.index_put((idx,), src).reshape(flat_values.shape)
+    return _scatter(flat_values, compact, storage, encoding, numel, n_pruned, pruned=False)
 
 
 def zero_pruned(
