@@ -53,6 +53,25 @@ def main(argv=None):
             step()
         torch.cuda.synchronize()
         print(f"=== {'compiled' if compiled else 'eager'}: {(time.perf_counter() - t0) * 1e3 / args.steps:.3f} ms/step (queued)")
+        # host time of each phase, the GPU queue drained before each (launch overhead only)
+        phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        for _ in range(args.steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = run(x)
+            phases["forward"] += time.perf_counter() - t
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out.backward(g)
+            phases["backward"] += time.perf_counter() - t
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            opt.step()
+            opt.zero_grad()
+            x.grad = None
+            phases["optimizer"] += time.perf_counter() - t
+        print("host ms per phase (launch only): " + ", ".join(f"{k} {v * 1e3 / args.steps:.3f}" for k, v in phases.items()))
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.steps):
