@@ -85,9 +85,8 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
         for v in opt.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.device.type == "cuda":
                 tensors.append(v)
-    # ResuAdamW's per-mask kernel metadata (rank offsets, 4 bytes per 1024 slots)
-    for _, cache in getattr(opt, "_mask_cache", {}).values():
-        tensors += list(cache.values())
+        # cached per-mask kernel metadata (rank offsets, 4 bytes per 1024 slots)
+        tensors += list(getattr(p, "_kernel_cache", {}).values())
     return _tensor_bytes(tensors)
 
 

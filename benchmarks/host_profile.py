@@ -26,13 +26,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    for compiled in (False, True):
+    for kind, compiled in (("dense", False), ("resu", False), ("resu", True)):
         torch.manual_seed(0)
         layer = nn.Linear(args.in_features, args.out_features, bias=False, device="cuda")
-        resu.sparsify_(layer)
-        resu.prune_(layer, 0.5)
-        resu.enter_resu_(layer, epsilon=0.1)
-        opt = resu.ResuAdamW(layer.parameters(), lr=1e-4)
+        if kind == "dense":
+            opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=True)
+        else:
+            resu.sparsify_(layer)
+            resu.prune_(layer, 0.5)
+            resu.enter_resu_(layer, epsilon=0.1)
+            opt = resu.ResuAdamW(layer.parameters(), lr=1e-4)
         run = torch.compile(layer, fullgraph=True) if compiled else layer
         x = torch.randn(args.tokens, args.in_features, device="cuda", requires_grad=True)
         g = torch.randn(args.tokens, args.out_features, device="cuda", dtype=torch.bfloat16)
@@ -52,7 +55,7 @@ def main(argv=None):
         for _ in range(args.steps):
             step()
         torch.cuda.synchronize()
-        print(f"=== {'compiled' if compiled else 'eager'}: {(time.perf_counter() - t0) * 1e3 / args.steps:.3f} ms/step (queued)")
+        print(f"=== {kind} {'compiled' if compiled else 'eager'}: {(time.perf_counter() - t0) * 1e3 / args.steps:.3f} ms/step (queued)")
         # host time of each phase, the GPU queue drained before each (launch overhead only)
         phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         for _ in range(args.steps):

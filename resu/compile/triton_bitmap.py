@@ -68,13 +68,20 @@ def _gather_kernel(src_ptr, bits_ptr, offsets_ptr, out_ptr, numel, SELECT_PRUNED
     tl.store(out_ptr + rank, vals.to(out_ptr.dtype.element_ty), mask=sel)
 
 
-def gather_bitmap(src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector."""
+def gather_bitmap(
+    src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype,
+    offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector.
+
+    ``offsets`` may pass in a cached :func:`block_offsets` of this mask.
+    """
     numel = src.numel()
     out = torch.empty(n_selected, dtype=out_dtype, device=src.device)
     if n_selected == 0 or numel == 0:
         return out
-    offsets = block_offsets(storage, numel, select_pruned)
+    if offsets is None:
+        offsets = block_offsets(storage, numel, select_pruned)
     _gather_kernel[(offsets.numel(),)](src.reshape(-1), storage, offsets, out, numel, select_pruned, BLOCK)
     return out
 

@@ -74,13 +74,9 @@ class ResuAdamW(torch.optim.Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
-        # Per-parameter kernel metadata derived from the mask (not state: never saved), keyed by
-        # id(param) and valid for one layout_id.
-        self._mask_cache: dict[int, tuple[int, dict]] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._mask_cache = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -159,11 +155,9 @@ class ResuAdamW(torch.optim.Optimizer):
             return
         if isinstance(grad, CompactGrad):
             grad = grad.values
-        cached = self._mask_cache.get(id(p))
-        if cached is None or cached[0] != p._layout_id:
-            cached = self._mask_cache[id(p)] = (p._layout_id, {})
+        in_resu = p.mode is ResuMode.RESU
         masked_adamw_(
             p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
-            p._mask_storage, p._encoding.value, p.n_pruned, p.mode is ResuMode.RESU, step,
-            rank_cache=cached[1], **hyper,
+            p._mask_storage, p._encoding.value, p.n_pruned, in_resu, step,
+            offsets=p._rank_offsets(in_resu), **hyper,
         )
