@@ -22,7 +22,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 import resu.compile.linear  # noqa: F401  (registers torch.ops.resu.linear*)
@@ -46,6 +45,17 @@ implements = _OPS.implements
 _LINEAR_FUNCS = (F.linear, torch._C._nn.linear)
 _SETITEM = torch._C.TensorBase.__setitem__
 _DATA_SET = torch.Tensor.data.__set__  # a method-wrapper: compare with ==, not `is`
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (Dynamo, AOTAutograd's fake/functional tensors, make_fx)."""
+    return (
+        type(t) is not torch.Tensor
+        or torch.compiler.is_compiling()
+        or torch._is_functional_tensor(t)
+        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    )
 
 
 def _new_layout_id() -> int:
@@ -222,8 +232,7 @@ class ResuParameter(torch.Tensor):
         if (
             self._encoding is not mask_ops.MaskEncoding.BITMAP
             or not self._mask_storage.is_cuda
-            or torch.compiler.is_compiling()
-            or isinstance(self._mask_storage, FakeTensor)
+            or _tracing(self._mask_storage)
         ):
             return None
         offsets = self._kernel_cache.get(select_pruned)
