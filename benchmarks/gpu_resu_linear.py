@@ -75,6 +75,10 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
     for p in layer.parameters():
         if isinstance(p, resu.ResuParameter):
             tensors += [p._weight, p._mask_storage]
+            if p._mask_storage is not None and p._mask_storage.is_cuda:
+                from resu.compile.triton_bitmap import cached_offsets_of
+
+                tensors += cached_offsets_of(p._mask_storage)  # the bitmap kernels' rank offsets
         else:
             tensors.append(p)
         g = p.grad
@@ -85,8 +89,6 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
         for v in opt.state.get(p, {}).values():
             if isinstance(v, torch.Tensor) and v.device.type == "cuda":
                 tensors.append(v)
-        # cached per-mask kernel metadata (rank offsets, 4 bytes per 1024 slots)
-        tensors += list(getattr(p, "_kernel_cache", {}).values())
     return _tensor_bytes(tensors)
 
 
@@ -102,6 +104,7 @@ def build(kind: str, in_f: int, out_f: int, sparsity: float):
 
 
 def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False, kernels_only=False):
+    torch.cuda.empty_cache()  # the previous configuration's tensors are gone by now
     layer, opt = build(kind, in_f, out_f, sparsity)
     fwd_module = torch.compile(layer, fullgraph=True) if compiled else layer
     xs = [torch.randn(tokens, in_f, device="cuda", requires_grad=True) for _ in range(3)]
@@ -141,8 +144,6 @@ def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False,
     out.backward(gs[0])
     opt.step()
     mem = persistent_bytes(layer, opt)
-    del layer, opt, fwd_module, xs, gs, out
-    torch.cuda.empty_cache()
     return fwd_ms, step_ms, mem
 
 

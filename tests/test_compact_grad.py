@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import resu
 from resu.tensors.compact_grad import CompactGrad
 from tests.helpers import model_in_mode
 

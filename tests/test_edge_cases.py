@@ -1,6 +1,5 @@
 """Behaviour at the edges: writes through the parameter, double backward, odd layers, optimizer identity."""
 
-import warnings
 
 import pytest
 import torch
@@ -144,15 +143,3 @@ def test_weights_used_inside_composite_functionals_still_get_compact_grads():
     ref.load_state_dict({k: (v.effective_weight() if isinstance(v, resu.ResuParameter) else v) for k, v in mha.state_dict().items()})
     ref(x, x, x)[0].sum().backward()
     torch.testing.assert_close(w.grad.values, ref.out_proj.weight.grad[~w.active_mask])
-
-
-def test_tracing_detection_used_by_the_kernel_cache():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from resu.tensors.resu_parameter import _tracing
-
-    t = torch.ones(3)
-    assert not _tracing(t)
-    with FakeTensorMode() as mode:
-        assert _tracing(mode.from_tensor(t))
-        assert _tracing(t)  # a fake mode is active

@@ -83,3 +83,20 @@ def test_block_offsets_are_exclusive_prefix_counts(select_pruned):
     n_blocks = -(-sel.numel() // block)
     expected = torch.stack([sel[: i * block].sum() for i in range(n_blocks)]).to(torch.int32)
     assert torch.equal(triton_bitmap.block_offsets(storage, sel.numel(), select_pruned), expected)
+
+
+def test_offsets_cache_follows_the_storage_tensor():
+    """Cached per storage object: reused while it lives unchanged, recomputed after an in-place write,
+    dropped when the storage dies."""
+    storage, k, pruned = _bitmap_mask((40, 90), 0.5, "cpu", seed=11)
+    numel = 40 * 90
+    first = triton_bitmap.cached_block_offsets(storage, numel, True)
+    assert triton_bitmap.cached_block_offsets(storage, numel, True) is first
+    storage[0] ^= 0xFF  # flip 8 slots in place
+    again = triton_bitmap.cached_block_offsets(storage, numel, True)
+    assert again is not first
+    assert torch.equal(again, triton_bitmap.block_offsets(storage, numel, True))
+    key = (id(storage), True)
+    assert key in triton_bitmap._OFFSETS_CACHE
+    del storage
+    assert key not in triton_bitmap._OFFSETS_CACHE

@@ -29,7 +29,7 @@ def _use_triton(t: torch.Tensor, encoding: str) -> bool:
     return t.is_cuda and encoding == _BITMAP
 
 
-def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype, offsets=None):
+def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     """The pruned (``select_pruned``) or active slots of ``src``, ascending flat order, as ``out_dtype``.
 
     Reference implementation (every device; index encodings on CUDA too).
@@ -42,23 +42,23 @@ def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out
     return out.to(out_dtype)
 
 
-def _gather_masked_cuda(src, storage, encoding, n_pruned, select_pruned, out_dtype, offsets=None):
+def _gather_masked_cuda(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     if encoding != _BITMAP:
         return gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype)
     from resu.compile.triton_bitmap import gather_bitmap
 
     n_sel = n_pruned if select_pruned else src.numel() - n_pruned
-    return gather_bitmap(src.contiguous(), storage, n_sel, select_pruned, out_dtype, offsets=offsets)
+    return gather_bitmap(src.contiguous(), storage, n_sel, select_pruned, out_dtype)
 
 
-def _gather_masked_fake(src, storage, encoding, n_pruned, select_pruned, out_dtype, offsets=None):
+def _gather_masked_fake(src, storage, encoding, n_pruned, select_pruned, out_dtype):
     n_sel = n_pruned if select_pruned else src.numel() - n_pruned
     return src.new_empty((n_sel,), dtype=out_dtype)
 
 
 gather_masked = define_op(
     "gather_masked(Tensor src, Tensor storage, str encoding, int n_pruned, bool select_pruned, "
-    "ScalarType out_dtype, Tensor? offsets=None) -> Tensor",
+    "ScalarType out_dtype) -> Tensor",
     gather_masked_reference,
     fake=_gather_masked_fake,
     cuda=_gather_masked_cuda,
@@ -77,20 +77,18 @@ def masked_adamw_(
     n_pruned: int,
     select_pruned: bool,
     step: int,
-    offsets: Optional[torch.Tensor] = None,
     **hyper,
 ) -> None:
     """AdamW on the selected slots of ``weight`` in place; other slots are never written.
 
     ``grad`` is either compact (one value per selected slot) or dense (weight-shaped); the states
-    are compact. Bitmap masks on CUDA take the fused Triton kernel (not for AMSGrad); ``offsets``
-    may pass in that kernel's per-block rank offsets for this mask, cached by the caller.
+    are compact. Bitmap masks on CUDA take the fused Triton kernel (not for AMSGrad).
     """
     encoding = mask_ops.MaskEncoding(encoding).value
     if max_exp_avg_sq is None and _use_triton(weight, encoding) and weight.is_contiguous():
         from resu.compile.triton_bitmap import adamw_bitmap_
 
-        adamw_bitmap_(weight, grad, exp_avg, exp_avg_sq, storage, select_pruned, step, offsets=offsets, **hyper)
+        adamw_bitmap_(weight, grad, exp_avg, exp_avg_sq, storage, select_pruned, step, **hyper)
         return
     masked_adamw_reference_(weight, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, storage, encoding, n_pruned, select_pruned, step, **hyper)
 

@@ -13,6 +13,8 @@ run it on CPU under ``TRITON_INTERPRET=1``). Each kernel has a plain-PyTorch ref
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,35 @@ def block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block:
     return (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
 
 
+# (id(storage), select_pruned) -> (weakref to storage, storage._version, offsets). The offsets depend on
+# the mask alone, so they are computed once per mask storage tensor instead of on every backward and
+# optimizer step; an entry dies with its storage tensor (weakref callback) and is recomputed if the
+# storage is ever written in place (version counter). 4 bytes per 1024 slots.
+_OFFSETS_CACHE: dict[tuple[int, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def cached_block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool) -> torch.Tensor:
+    """:func:`block_offsets` of ``storage``, computed once per mask storage tensor."""
+    key = (id(storage), select_pruned)
+    hit = _OFFSETS_CACHE.get(key)
+    if hit is not None and hit[0]() is storage and hit[1] == storage._version:
+        return hit[2]
+    offsets = block_offsets(storage, numel, select_pruned)
+    ref = weakref.ref(storage, lambda _ref, key=key: _OFFSETS_CACHE.pop(key, None))
+    _OFFSETS_CACHE[key] = (ref, storage._version, offsets)
+    return offsets
+
+
+def cached_offsets_of(storage: torch.Tensor) -> list[torch.Tensor]:
+    """The cached offset tensors of one mask storage (for memory accounting)."""
+    out = []
+    for select in (True, False):
+        hit = _OFFSETS_CACHE.get((id(storage), select))
+        if hit is not None and hit[0]() is storage:
+            out.append(hit[2])
+    return out
+
+
 @triton.jit
 def _selected(bits_ptr, offs, numel, SELECT_PRUNED: tl.constexpr):
     in_bounds = offs < numel
@@ -69,19 +100,14 @@ def _gather_kernel(src_ptr, bits_ptr, offsets_ptr, out_ptr, numel, SELECT_PRUNED
 
 
 def gather_bitmap(
-    src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype,
-    offsets: torch.Tensor | None = None,
+    src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector.
-
-    ``offsets`` may pass in a cached :func:`block_offsets` of this mask.
-    """
+    """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector."""
     numel = src.numel()
     out = torch.empty(n_selected, dtype=out_dtype, device=src.device)
     if n_selected == 0 or numel == 0:
         return out
-    if offsets is None:
-        offsets = block_offsets(storage, numel, select_pruned)
+    offsets = cached_block_offsets(storage, numel, select_pruned)
     _gather_kernel[(offsets.numel(),)](src.reshape(-1), storage, offsets, out, numel, select_pruned, BLOCK)
     return out
 
@@ -120,17 +146,12 @@ def adamw_bitmap_(
     weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     storage: torch.Tensor, select_pruned: bool, step: int, *,
     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
-    offsets: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense).
-
-    ``offsets`` may pass in a cached :func:`block_offsets` of this mask (it depends on the mask only).
-    """
+    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense)."""
     numel = weight.numel()
     if numel == 0 or exp_avg.numel() == 0:
         return
-    if offsets is None:
-        offsets = block_offsets(storage, numel, select_pruned)
+    offsets = cached_block_offsets(storage, numel, select_pruned)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     _adamw_kernel[(offsets.numel(),)](

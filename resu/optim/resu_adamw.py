@@ -155,9 +155,7 @@ class ResuAdamW(torch.optim.Optimizer):
             return
         if isinstance(grad, CompactGrad):
             grad = grad.values
-        in_resu = p.mode is ResuMode.RESU
         masked_adamw_(
             p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
-            p._mask_storage, p._encoding.value, p.n_pruned, in_resu, step,
-            offsets=p._rank_offsets(in_resu), **hyper,
+            p._mask_storage, p._encoding.value, p.n_pruned, p.mode is ResuMode.RESU, step, **hyper,
         )

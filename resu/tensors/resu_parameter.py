@@ -47,17 +47,6 @@ _SETITEM = torch._C.TensorBase.__setitem__
 _DATA_SET = torch.Tensor.data.__set__  # a method-wrapper: compare with ==, not `is`
 
 
-def _tracing(t: torch.Tensor) -> bool:
-    """Whether ``t`` is being traced (Dynamo, AOTAutograd's fake/functional tensors, make_fx)."""
-    return (
-        type(t) is not torch.Tensor
-        or torch.compiler.is_compiling()
-        or torch._is_functional_tensor(t)
-        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-        or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
-    )
-
-
 def _new_layout_id() -> int:
     return secrets.randbits(62)
 
@@ -106,7 +95,6 @@ class ResuParameter(torch.Tensor):
         self._encoding = mask_ops.MaskEncoding(encoding) if mode.has_mask else None
         self._n_pruned = int(n_pruned) if mode.has_mask else 0
         self._layout_id = _new_layout_id() if layout_id is None else int(layout_id)
-        self._kernel_cache: dict = {}
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, requires_grad: Optional[bool] = None) -> "ResuParameter":
@@ -222,28 +210,7 @@ class ResuParameter(torch.Tensor):
         """Write ``values`` (ascending flat order) into the pruned slots of the weight, in place."""
         self._weight.view(-1).index_copy_(0, self._pruned_indices(), values.to(self._weight.dtype))
 
-    def _rank_offsets(self, select_pruned: bool) -> Optional[torch.Tensor]:
-        """Per-block rank offsets of a bitmap mask for the CUDA kernels, cached until the mask changes.
-
-        4 bytes per 1024 slots. None where the kernels do not take them (not CUDA, not a bitmap) and
-        while tracing for torch.compile (the graph computes them itself; a cached real tensor must not
-        leak into a traced graph).
-        """
-        if (
-            self._encoding is not mask_ops.MaskEncoding.BITMAP
-            or not self._mask_storage.is_cuda
-            or _tracing(self._mask_storage)
-        ):
-            return None
-        offsets = self._kernel_cache.get(select_pruned)
-        if offsets is None:
-            from resu.compile.triton_bitmap import block_offsets
-
-            offsets = self._kernel_cache[select_pruned] = block_offsets(self._mask_storage, self.numel(), select_pruned)
-        return offsets
-
     def _set_layout(self, mode: ResuMode, mask_storage=None, encoding=None, n_pruned: int = 0) -> None:
-        self._kernel_cache = {}
         self._mode = mode
         self._mask_storage = mask_storage if mode.has_mask else None
         self._encoding = mask_ops.MaskEncoding(encoding) if mode.has_mask else None
@@ -439,8 +406,7 @@ def _linear_weight_grad(func, args, kwargs):
         # weight-dtype gradient is never materialized.
         dense = rows(grad_out).t() @ rows(x)
         values = torch.ops.resu.gather_masked(
-            dense, weight._mask_storage, weight._encoding.value, weight._n_pruned, True, weight.dtype,
-            weight._rank_offsets(True),
+            dense, weight._mask_storage, weight._encoding.value, weight._n_pruned, True, weight.dtype
         )
         return CompactGrad(values, weight._mask_storage, weight._encoding, weight.shape)
     dense = linear_weight_grad_reference(grad_out, x, weight._weight)
