@@ -94,3 +94,15 @@ def test_cuda_optimizer_follows_mask_changes_like_cpu():
         wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
         wb = b.effective_weight() if isinstance(b, resu.ResuParameter) else b
         torch.testing.assert_close(wb.detach().cpu(), wa.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_foreign_dense_gradient_becomes_compact():
+    """A RESU weight used by x @ W.t() gets a dense aten gradient; the hook gathers its θ part on the GPU."""
+    model = model_in_mode("resu").cuda()
+    p = model[0].weight
+    x = torch.randn(4, 12, device="cuda")
+    (x @ p.t()).sum().backward()
+    assert isinstance(p.grad, CompactGrad)
+    w = p.effective_weight().clone().requires_grad_(True)
+    (x @ w.t()).sum().backward()
+    torch.testing.assert_close(p.grad.values, w.grad[~p.active_mask])

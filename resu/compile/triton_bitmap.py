@@ -3,7 +3,7 @@
 A bitmap mask (bit 1 = pruned, LSB first, see :mod:`resu.tensors.mask`) says *which* slots are
 selected but not *where* each lands in a compact vector. Each program handles ``BLOCK`` consecutive
 slots; a tiny prefix sum over per-block popcounts (``block_offsets``, computed in PyTorch over n/8
-bytes) gives every block its first compact index, and an in-block ``tl.cumsum`` gives the rest. So
+bytes, once per mask storage) gives every block its first compact index, and an in-block ``tl.cumsum`` gives the rest. So
 both kernels are one pass over the weight with no index tensor of size n_pruned ever built.
 
 This module imports Triton; it is only imported by the CUDA kernel registrations and by tests (which

@@ -326,7 +326,9 @@ def compact_foreign_grad(param: "ResuParameter") -> None:
     grad = param.grad
     if param._mode is ResuMode.RESU and grad is not None and not isinstance(grad, CompactGrad):
         with torch.no_grad():
-            values = param._gather_pruned(grad).to(param.dtype)
+            values = torch.ops.resu.gather_masked(
+                grad, param._mask_storage, param._encoding.value, param._n_pruned, True, param.dtype
+            )
         param.grad = CompactGrad(values, param._mask_storage, param._encoding, param.shape)
 
 
