@@ -98,7 +98,8 @@ def test_cuda_optimizer_follows_mask_changes_like_cpu():
 
 def test_cuda_foreign_dense_gradient_becomes_compact():
     """A RESU weight used by x @ W.t() gets a dense aten gradient; the hook gathers its θ part on the GPU."""
-    model = model_in_mode("resu").cuda()
+    model = model_in_mode("sparse").cuda()
+    resu.enter_resu_(model)  # after the move: the hook is registered on entering RESU
     p = model[0].weight
     x = torch.randn(4, 12, device="cuda")
     (x @ p.t()).sum().backward()

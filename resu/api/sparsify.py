@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from resu.tensors.resu_parameter import ResuParameter, compact_foreign_grad
+from resu.tensors.resu_parameter import ResuParameter
 
 FilterFn = Callable[[str, nn.Module], bool]
 
@@ -109,9 +109,7 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         )
     for pid, w in plan.items():
         new = nn.Parameter(ResuParameter.from_weight(w.data), requires_grad=w.requires_grad)
-        converted = _replace_parameter(w, new, owners[pid])
-        if converted.requires_grad:
-            converted.register_post_accumulate_grad_hook(compact_foreign_grad)
+        _replace_parameter(w, new, owners[pid])
     return model
 
 

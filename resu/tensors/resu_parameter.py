@@ -216,6 +216,19 @@ class ResuParameter(torch.Tensor):
         self._encoding = mask_ops.MaskEncoding(encoding) if mode.has_mask else None
         self._n_pruned = int(n_pruned) if mode.has_mask else 0
         self._layout_id = _new_layout_id()
+        if mode is ResuMode.RESU:
+            self._ensure_foreign_grad_hook()
+
+    def _ensure_foreign_grad_hook(self) -> None:
+        """Register :func:`compact_foreign_grad` once on this (leaf, trainable) parameter.
+
+        Done on entering RESU mode. A hook lives on the Python object, so a later ``model.to(...)``
+        or ``.cuda()`` (which swaps in a new parameter) drops it; foreign dense gradients then stay
+        dense, which ResuAdamW still handles correctly (it uses their θ part only).
+        """
+        if self.requires_grad and self.grad_fn is None and not self.__dict__.get("_foreign_grad_hook"):
+            self.register_post_accumulate_grad_hook(compact_foreign_grad)
+            self._foreign_grad_hook = True
 
     @torch.no_grad()
     def _apply_pruning_(self, pruned: torch.Tensor) -> None:
