@@ -1,0 +1,124 @@
+"""QRESU ops: ``resu::dequant_merge`` (packed codes + θ → effective weight) and ``resu::qlinear``.
+
+A QRESU weight has no dense copy. Its effective weight is rebuilt on the fly: active slots are
+dequantized from packed 4/8-bit codes (:mod:`resu.tensors.quantized`), pruned slots take θ (a flat
+vector in ascending pruned-slot order). ``dequant_merge`` does that in one pass; on CUDA it is a Triton
+kernel (:mod:`resu.compile.triton_qresu`) for every mask encoding, elsewhere the reference below.
+
+``qlinear(x, ...) = F.linear(x, dequant_merge(...), bias)``. Its backward recomputes the effective
+weight for the input gradient (it is never saved for backward) and gives θ a compact gradient
+(``n_pruned`` values gathered from ``gradᵀ·x``), never a dense weight gradient.
+
+Quantization parameters are passed as plain integers: ``row_stride`` and ``group_cols`` locate the
+scale of slot ``(r, c)`` at ``r * row_stride + c // group_cols`` (see :class:`QuantFormat`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from resu.compile.linear import rows as as_rows
+from resu.compile.masked_ops import gather_masked
+from resu.compile.registry import LIB, define_op
+from resu.tensors import mask as mask_ops
+from resu.tensors.quantized import scale_index_of, unpack
+
+_BITMAP = mask_ops.MaskEncoding.BITMAP.value
+
+
+def dequant_merge_reference(
+    qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
+):
+    """Effective weight ``(rows, cols)`` in ``out_dtype``: ``(q - zero) * scale`` (fp32) at active slots, θ at pruned."""
+    numel = rows * cols
+    codes = unpack(qdata, bits, numel)
+    idx = scale_index_of(rows, cols, row_stride, group_cols, qdata.device)
+    w = (codes.float() - zero.reshape(-1)[idx]) * scale.reshape(-1)[idx]
+    pruned_idx = mask_ops.pruned_flat_indices(storage, encoding, numel, n_pruned)
+    w = w.index_copy(0, pruned_idx, theta.float())
+    return w.view(rows, cols).to(out_dtype)
+
+
+def _dequant_merge_cuda(
+    qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
+):
+    from resu.compile.triton_qresu import dequant_merge_triton
+
+    return dequant_merge_triton(
+        qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
+    )
+
+
+def _dequant_merge_fake(
+    qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
+):
+    return qdata.new_empty((rows, cols), dtype=out_dtype)
+
+
+dequant_merge = define_op(
+    "dequant_merge(Tensor qdata, Tensor scale, Tensor zero, Tensor theta, Tensor storage, str encoding, "
+    "int n_pruned, int rows, int cols, int bits, int group_cols, int row_stride, ScalarType out_dtype) -> Tensor",
+    dequant_merge_reference,
+    fake=_dequant_merge_fake,
+    cuda=_dequant_merge_cuda,
+)
+
+
+def _compute_dtype(x, compute_dtype):
+    return compute_dtype if compute_dtype is not None else x.dtype
+
+
+def qlinear_reference(
+    x, qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, bias,
+    compute_dtype,
+):
+    """``F.linear(x, W_eff, bias)`` in the compute dtype (the autocast dtype if given, else ``x``'s)."""
+    dtype = _compute_dtype(x, compute_dtype)
+    w = dequant_merge(qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, dtype)
+    return F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+
+
+def _qlinear_fake(
+    x, qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, bias,
+    compute_dtype,
+):
+    return x.new_empty((*x.shape[:-1], rows), dtype=_compute_dtype(x, compute_dtype))
+
+
+qlinear = define_op(
+    "qlinear(Tensor x, Tensor qdata, Tensor scale, Tensor zero, Tensor theta, Tensor storage, str encoding, "
+    "int n_pruned, int rows, int cols, int bits, int group_cols, int row_stride, Tensor? bias, "
+    "ScalarType? compute_dtype) -> Tensor",
+    qlinear_reference,
+    fake=_qlinear_fake,
+)
+
+
+def _setup_context(ctx, inputs, output):
+    x, qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, bias, dt = inputs
+    ctx.save_for_backward(x, qdata, scale, zero, theta, storage)
+    ctx.meta = (encoding, n_pruned, rows, cols, bits, group_cols, row_stride)
+    ctx.has_bias = bias is not None
+    ctx.compute_dtype = _compute_dtype(x, dt)
+
+
+def _backward(ctx, grad_out):
+    x, qdata, scale, zero, theta, storage = ctx.saved_tensors
+    encoding, n_pruned, rows, cols, bits, group_cols, row_stride = ctx.meta
+    grad_x = grad_theta = grad_b = None
+    if ctx.needs_input_grad[0]:
+        w = dequant_merge(
+            qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride,
+            ctx.compute_dtype,
+        )
+        grad_x = (grad_out.to(ctx.compute_dtype) @ w).to(x.dtype)
+    if ctx.needs_input_grad[4]:
+        dense = as_rows(grad_out).t() @ as_rows(x.to(grad_out.dtype))
+        grad_theta = gather_masked(dense, storage, encoding, n_pruned, True, theta.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[13]:
+        grad_b = as_rows(grad_out).sum(0)
+    return grad_x, None, None, None, grad_theta, None, None, None, None, None, None, None, None, grad_b, None
+
+
+torch.library.register_autograd("resu::qlinear", _backward, setup_context=_setup_context, lib=LIB)

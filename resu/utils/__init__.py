@@ -1,0 +1,1 @@
+"""Utilities of the seed API: quantization helpers and memory accounting."""
