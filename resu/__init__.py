@@ -6,6 +6,7 @@
     resu.sparsify_(model)                        # nn.Linear weights become ResuParameters, in place
     resu.prune_(model, 0.7, method="wanda", calib=batches)
     resu.enter_resu_(model, epsilon=0.1)         # θ in the pruned slots, active weights frozen
+    # or resu.enter_qresu_(model, bits=4, scheme="per_group")  # active weights frozen as packed 4-bit codes
     opt = resu.ResuAdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     model = torch.compile(model, fullgraph=True)
     ...                                          # train as usual
@@ -13,6 +14,7 @@
 """
 
 from resu.api.prune import prune_
+from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
 from resu.optim.resu_adamw import ResuAdamW
@@ -30,7 +32,9 @@ __all__ = [
     "ResuParameter",
     "SparseMask",
     "densify_",
+    "enter_qresu_",
     "enter_resu_",
+    "exit_qresu_",
     "exit_resu_",
     "prune_",
     "sparsify_",

@@ -67,9 +67,10 @@ def prune_(
                 f"prune_: method='2:4' needs in_features divisible by 4, but `{name}` has shape {tuple(p.shape)}; "
                 "exclude it from sparsify_ with filter_fn or use another method"
             )
-        if p.mode is ResuMode.RESU:
+        if p.mode.trains_theta:
+            exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
             raise ValueError(
-                f"prune_: `{name}` is in RESU mode; call resu.exit_resu_(model) before pruning again"
+                f"prune_: `{name}` is in {p.mode.name} mode; call resu.{exit_fn}(model) before pruning again"
             )
     norms = None
     if method == "wanda":

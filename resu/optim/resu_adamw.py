@@ -25,6 +25,7 @@ class ResuAdamW(torch.optim.Optimizer):
     - DENSE: every slot (as AdamW).
     - SPARSE: the active slots; pruned slots stay exactly zero.
     - RESU: the θ (pruned) slots; active slots stay bitwise unchanged, weight decay included.
+    - QRESU: the flat θ vector; the quantized active weights are never touched.
 
     States are compact vectors over the trainable slots. When a weight's mask or mode changes (prune,
     enter or exit RESU) its states restart from zero for the new set of slots, reusing the same
@@ -87,7 +88,7 @@ class ResuAdamW(torch.optim.Optimizer):
         """Number of trainable slots of ``p``, or None when every slot is trainable."""
         if not isinstance(p, ResuParameter) or p.mode is ResuMode.DENSE:
             return None
-        return p.n_pruned if p.mode is ResuMode.RESU else p.numel() - p.n_pruned
+        return p.n_pruned if p.mode.trains_theta else p.numel() - p.n_pruned
 
     def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool) -> dict:
         """The state of ``p``, (re)laid out for its current trainable slots."""
@@ -155,6 +156,12 @@ class ResuAdamW(torch.optim.Optimizer):
             return
         if isinstance(grad, CompactGrad):
             grad = grad.values
+        if p.mode is ResuMode.QRESU:
+            # θ is its own flat vector; a dense gradient (another op used the weight) gives its θ part.
+            if grad.numel() != n:
+                grad = p._gather_pruned(grad)
+            adamw_update_(p._theta, grad.to(p._theta.dtype), state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
+            return
         masked_adamw_(
             p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
             p._mask_storage, p._encoding.value, p.n_pruned, p.mode is ResuMode.RESU, step, **hyper,

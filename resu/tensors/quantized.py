@@ -20,7 +20,7 @@ values are θ) neither widen a group's range nor carry a meaningful code (they a
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -161,3 +161,21 @@ def quantize_active(
     codes = quantize_codes(w, scale, zero, fmt).reshape(-1)
     codes = codes.masked_fill(pruned.reshape(-1), 0)
     return pack(codes, fmt.bits), scale.contiguous(), zero.contiguous()
+
+
+class QuantizedState(NamedTuple):
+    """The inner tensors of a QRESU weight besides its mask: packed codes, scales, zeros and θ."""
+
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    theta: torch.Tensor
+    fmt: QuantFormat
+
+    def map(self, fn) -> "QuantizedState":
+        """The same state with ``fn`` applied to every tensor (``fn(t, is_theta)``)."""
+        return QuantizedState(fn(self.qdata, False), fn(self.scale, False), fn(self.zero, False), fn(self.theta, True), self.fmt)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qdata, self.scale, self.zero, self.theta))

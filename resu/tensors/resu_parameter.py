@@ -6,6 +6,11 @@ A wrapper tensor subclass with the outer shape and dtype of the original weight.
   hold the trainable resurrection values θ, so the forward is the plain dense ``x @ Wᵀ``.
 - ``_mask_storage`` (not in DENSE mode): the adaptive mask encoding (:mod:`resu.tensors.mask`).
 
+In QRESU mode there is no ``_weight``: the frozen active weights are stored quantized (``_qdata``
+packed codes, ``_qscale``/``_qzero``, see :mod:`resu.tensors.quantized`) and θ is the flat vector
+``_theta`` (n_pruned values, ascending pruned-slot order, the weight's dtype); the forward rebuilds the
+effective weight with ``resu::dequant_merge``.
+
 ``F.linear`` with a ResuParameter weight is caught in ``__torch_function__`` (``aten.linear`` is
 decomposed before ``__torch_dispatch__`` would see it) and routed to ``torch.ops.resu.linear``, whose
 backward returns a :class:`~resu.tensors.compact_grad.CompactGrad` in RESU mode. Every other op goes
@@ -26,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import resu.compile.linear  # noqa: F401  (registers torch.ops.resu.linear*)
 import resu.compile.masked_ops  # noqa: F401  (registers torch.ops.resu.gather_masked)
+import resu.compile.qlinear  # noqa: F401  (registers torch.ops.resu.dequant_merge / qlinear)
 from resu.compile.linear import (
     LinearFunction,
     autocast_dtype,
@@ -38,6 +44,7 @@ from resu.tensors import mask as mask_ops
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.op_table import OpTable
+from resu.tensors.quantized import QuantFormat, QuantizedState
 
 aten = torch.ops.aten
 _OPS = OpTable("ResuParameter")
@@ -64,32 +71,41 @@ class ResuParameter(torch.Tensor):
     @staticmethod
     def __new__(
         cls,
-        weight: torch.Tensor,
+        weight: Optional[torch.Tensor],
         mode: ResuMode = ResuMode.DENSE,
         mask_storage: Optional[torch.Tensor] = None,
         encoding: Optional[str] = None,
         n_pruned: int = 0,
         layout_id: Optional[int] = None,
         requires_grad: bool = False,
+        quant: Optional[QuantizedState] = None,
+        shape: Optional[torch.Size] = None,
     ):
-        return torch.Tensor._make_wrapper_subclass(
-            cls, weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=requires_grad
-        )
+        if weight is not None:
+            shape, dtype, device = weight.shape, weight.dtype, weight.device
+        else:  # QRESU: the outer dtype is θ's, the shape is given
+            shape, dtype, device = shape, quant.theta.dtype, quant.qdata.device
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=requires_grad)
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: Optional[torch.Tensor],
         mode: ResuMode = ResuMode.DENSE,
         mask_storage: Optional[torch.Tensor] = None,
         encoding: Optional[str] = None,
         n_pruned: int = 0,
         layout_id: Optional[int] = None,
         requires_grad: bool = False,
+        quant: Optional[QuantizedState] = None,
+        shape: Optional[torch.Size] = None,
     ):
         mode = ResuMode(mode)
         if mode.has_mask and (mask_storage is None or encoding is None):
             raise ValueError(f"a ResuParameter in {mode.value} mode needs mask_storage and encoding")
+        if (mode is ResuMode.QRESU) != (quant is not None) or (weight is None) != (quant is not None):
+            raise ValueError("a ResuParameter has a quantized state (and no weight) exactly in QRESU mode")
         self._weight = weight
+        self._set_quant(quant)
         self._mode = mode
         self._mask_storage = mask_storage if mode.has_mask else None
         self._encoding = mask_ops.MaskEncoding(encoding) if mode.has_mask else None
@@ -106,20 +122,31 @@ class ResuParameter(torch.Tensor):
 
     # ------------------------------------------------------------------ flatten protocol
     def __tensor_flatten__(self):
-        names = ["_weight", "_mask_storage"] if self._mode.has_mask else ["_weight"]
+        if self._mode is ResuMode.QRESU:
+            names = ["_qdata", "_qscale", "_qzero", "_theta", "_mask_storage"]
+        else:
+            names = ["_weight", "_mask_storage"] if self._mode.has_mask else ["_weight"]
         encoding = self._encoding.value if self._encoding is not None else None
-        return names, (self._mode.value, encoding, self._n_pruned)
+        return names, (self._mode.value, encoding, self._n_pruned, self._qformat)
 
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        mode, encoding, n_pruned = meta
-        return ResuParameter(inner["_weight"], mode, inner.get("_mask_storage"), encoding, n_pruned, layout_id=0)
+        mode, encoding, n_pruned, fmt = meta
+        quant = None
+        if fmt is not None:
+            quant = QuantizedState(inner["_qdata"], inner["_qscale"], inner["_qzero"], inner["_theta"], fmt)
+        return ResuParameter(
+            inner.get("_weight"), mode, inner.get("_mask_storage"), encoding, n_pruned, layout_id=0,
+            quant=quant, shape=outer_size,
+        )
 
     def _stable_hash_for_caching(self) -> str:
         enc = self._encoding.value if self._encoding is not None else "none"
-        return f"ResuParameter({self._mode.value},{enc},{self._n_pruned},{tuple(self.shape)},{self.dtype})"
+        fmt = "" if self._qformat is None else f",{self._qformat}"
+        return f"ResuParameter({self._mode.value},{enc},{self._n_pruned},{tuple(self.shape)},{self.dtype}{fmt})"
 
     def __reduce_ex__(self, protocol):
+        quant = self._quant
         return (
             _rebuild_resu_parameter,
             (
@@ -131,6 +158,8 @@ class ResuParameter(torch.Tensor):
                 self._layout_id,
                 self.requires_grad,
                 getattr(self, "_is_param", False),
+                None if quant is None else (*quant[:4], quant.fmt.bits, quant.fmt.scheme, quant.fmt.group_size),
+                tuple(self.shape),
             ),
         )
 
@@ -138,6 +167,8 @@ class ResuParameter(torch.Tensor):
         extra = ""
         if self._mode.has_mask:
             extra = f", sparsity={self.sparsity:.3f}, mask={self._encoding.value}"
+        if self._qformat is not None:
+            extra += f", bits={self._qformat.bits}, scheme={self._qformat.scheme}"
         return f"ResuParameter(shape={tuple(self.shape)}, dtype={self.dtype}, mode={self._mode.value}{extra})"
 
     # ------------------------------------------------------------------ public accessors
@@ -180,14 +211,60 @@ class ResuParameter(torch.Tensor):
         """Bytes held by the mask encoding (0 in DENSE mode)."""
         return 0 if self._mask_storage is None else self._mask_storage.numel() * self._mask_storage.element_size()
 
-    def effective_weight(self) -> torch.Tensor:
-        """The dense weight the forward uses (active values, and θ in RESU mode), as a detached plain tensor.
+    @property
+    def theta(self) -> Optional[torch.Tensor]:
+        """θ as a flat vector (n_pruned values, ascending pruned-slot order), None outside RESU/QRESU.
 
-        It shares storage with this parameter: treat it as read-only.
+        In QRESU mode this is the stored θ itself; in RESU mode a copy gathered from the pruned slots.
         """
+        if self._mode is ResuMode.QRESU:
+            return self._theta.detach()
+        if self._mode is ResuMode.RESU:
+            return self._gather_pruned(self._weight.detach())
+        return None
+
+    @property
+    def quant_format(self) -> Optional[QuantFormat]:
+        """The :class:`~resu.tensors.quantized.QuantFormat` of the frozen active weights in QRESU mode, else None."""
+        return self._qformat
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense weight the forward uses (active values, and θ in RESU/QRESU mode), as a detached plain tensor.
+
+        Outside QRESU mode it shares storage with this parameter: treat it as read-only. In QRESU mode
+        it is a new tensor: the dequantized active weights merged with θ.
+        """
+        if self._mode is ResuMode.QRESU:
+            with torch.no_grad():
+                return self._dequant_merge(self.dtype)
         return self._weight.detach()
 
     # ------------------------------------------------------------------ internal helpers
+    @property
+    def _quant(self) -> Optional[QuantizedState]:
+        if self._qformat is None:
+            return None
+        return QuantizedState(self._qdata, self._qscale, self._qzero, self._theta, self._qformat)
+
+    def _set_quant(self, quant: Optional[QuantizedState]) -> None:
+        if quant is None:
+            self._qdata = self._qscale = self._qzero = self._theta = self._qformat = None
+        else:
+            self._qdata, self._qscale, self._qzero, self._theta, self._qformat = quant
+
+    def _quant_op_args(self) -> tuple:
+        """The arguments of ``resu::dequant_merge``/``resu::qlinear`` after ``x`` and before ``bias``."""
+        rows, cols = self.shape[0], self.numel() // max(self.shape[0], 1)
+        fmt = self._qformat
+        return (
+            self._qdata, self._qscale, self._qzero, self._theta, self._mask_storage, self._encoding.value,
+            self._n_pruned, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols),
+        )
+
+    def _dequant_merge(self, dtype: torch.dtype) -> torch.Tensor:
+        """The QRESU effective weight (this shape) in ``dtype``."""
+        return torch.ops.resu.dequant_merge(*self._quant_op_args(), dtype).view(self.shape)
+
     def _pruned_bool(self) -> torch.Tensor:
         return mask_ops.pruned_bool(self._mask_storage, self._encoding, self.numel(), self._n_pruned)
 
@@ -216,7 +293,7 @@ class ResuParameter(torch.Tensor):
         self._encoding = mask_ops.MaskEncoding(encoding) if mode.has_mask else None
         self._n_pruned = int(n_pruned) if mode.has_mask else 0
         self._layout_id = _new_layout_id()
-        if mode is ResuMode.RESU:
+        if mode.trains_theta:
             self._ensure_foreign_grad_hook()
 
     def _ensure_foreign_grad_hook(self) -> None:
@@ -244,6 +321,25 @@ class ResuParameter(torch.Tensor):
         self._set_layout(ResuMode.RESU, self._mask_storage, self._encoding, self._n_pruned)
 
     @torch.no_grad()
+    def _enter_qresu_(self, quant: QuantizedState) -> None:
+        """SPARSE → QRESU: keep ``quant`` (codes of the active weights, θ) and free the dense weight."""
+        self._set_quant(quant)
+        self._weight = None
+        self._set_layout(ResuMode.QRESU, self._mask_storage, self._encoding, self._n_pruned)
+
+    @torch.no_grad()
+    def _exit_qresu_(self, commit: bool) -> None:
+        """QRESU → DENSE with the dequantized weights and θ merged (commit), or → SPARSE with θ zeroed."""
+        weight = self._dequant_merge(self.dtype).contiguous()
+        self._weight = weight
+        self._set_quant(None)
+        if commit:
+            self._set_layout(ResuMode.DENSE)
+        else:
+            self._zero_pruned_(weight)
+            self._set_layout(ResuMode.SPARSE, self._mask_storage, self._encoding, self._n_pruned)
+
+    @torch.no_grad()
     def _exit_resu_(self, commit: bool) -> None:
         """RESU → DENSE keeping θ (commit) or RESU → SPARSE zeroing it."""
         if commit:
@@ -253,11 +349,12 @@ class ResuParameter(torch.Tensor):
             self._set_layout(ResuMode.SPARSE, self._mask_storage, self._encoding, self._n_pruned)
 
     def _refuse_write_in_resu(self, what: str) -> None:
-        if self._mode is ResuMode.RESU:
+        if self._mode.trains_theta:
+            mode, exit_fn = ("QRESU", "exit_qresu_") if self._mode is ResuMode.QRESU else ("RESU", "exit_resu_")
             raise RuntimeError(
-                f"{what} on a ResuParameter in RESU mode would change its frozen active weights. "
+                f"{what} on a ResuParameter in {mode} mode would change its frozen active weights. "
                 "To train θ use resu.ResuAdamW (stock torch.optim optimizers update every slot); to change "
-                "the weights, call resu.exit_resu_(model) first."
+                f"the weights, call resu.{exit_fn}(model) first."
             )
 
     def _setitem(self, index, value) -> None:
@@ -283,6 +380,7 @@ class ResuParameter(torch.Tensor):
         if isinstance(new, ResuParameter):
             enc = new._encoding.value if new._encoding is not None else None
             self._weight = new._weight
+            self._set_quant(new._quant)
             self._set_layout(new._mode, new._mask_storage, enc, new._n_pruned)
             self._layout_id = new._layout_id
             return
@@ -293,9 +391,19 @@ class ResuParameter(torch.Tensor):
         else:
             self._weight = new.detach().contiguous()
 
-    def _same_inner(self, weight: torch.Tensor, mask_storage: Optional[torch.Tensor]) -> "ResuParameter":
+    def _map_inner(self, fn, mask_fn=None) -> "ResuParameter":
+        """A new ResuParameter (same layout) with ``fn(t, is_value)`` applied to every inner tensor.
+
+        ``is_value`` is True for the tensor that carries the outer dtype (the weight, or θ in QRESU);
+        the mask storage takes ``mask_fn`` (default: unchanged).
+        """
         enc = self._encoding.value if self._encoding is not None else None
-        return ResuParameter(weight, self._mode, mask_storage, enc, self._n_pruned, self._layout_id)
+        mask = self._mask_storage
+        if mask is not None and mask_fn is not None:
+            mask = mask_fn(mask)
+        weight = None if self._weight is None else fn(self._weight, True)
+        quant = None if self._qformat is None else self._quant.map(fn)
+        return ResuParameter(weight, self._mode, mask, enc, self._n_pruned, self._layout_id, quant=quant, shape=self.shape)
 
     # ------------------------------------------------------------------ interception
     @classmethod
@@ -337,7 +445,7 @@ def compact_foreign_grad(param: "ResuParameter") -> None:
     belongs to frozen weights, so it is dropped here and the gradient becomes a CompactGrad.
     """
     grad = param.grad
-    if param._mode is ResuMode.RESU and grad is not None and not isinstance(grad, CompactGrad):
+    if param._mode.trains_theta and grad is not None and not isinstance(grad, CompactGrad):
         with torch.no_grad():
             values = torch.ops.resu.gather_masked(
                 grad, param._mask_storage, param._encoding.value, param._n_pruned, True, param.dtype
@@ -345,8 +453,16 @@ def compact_foreign_grad(param: "ResuParameter") -> None:
         param.grad = CompactGrad(values, param._mask_storage, param._encoding, param.shape)
 
 
-def _rebuild_resu_parameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad, is_param=False):
-    p = ResuParameter(weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad)
+def _rebuild_resu_parameter(
+    weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad, is_param=False, quant=None, shape=None
+):
+    if quant is not None:
+        qdata, scale, zero, theta, bits, scheme, group_size = quant
+        quant = QuantizedState(qdata, scale, zero, theta, QuantFormat(bits, scheme, group_size))
+    p = ResuParameter(
+        weight, mode, mask_storage, encoding, n_pruned, layout_id, requires_grad, quant=quant,
+        shape=None if shape is None else torch.Size(shape),
+    )
     if is_param:
         p._is_param = True  # what nn.Parameter(subclass) sets: keeps isinstance(p, nn.Parameter) after torch.load
     return p
@@ -360,7 +476,9 @@ def _linear_args(args, kwargs):
 
 
 def _unwrap(t):
-    return t._weight if isinstance(t, ResuParameter) else t
+    if not isinstance(t, ResuParameter):
+        return t
+    return t._weight if t._weight is not None else t.effective_weight()
 
 
 def _mutated_resu_params(func, args, kwargs) -> list:
@@ -404,19 +522,24 @@ def _run_on_effective_weight(func, args, kwargs):
 @implements(torch.ops.resu.linear.default)
 def _linear(func, args, kwargs):
     x, weight, bias, dtype = args
+    if weight._mode is ResuMode.QRESU:
+        return torch.ops.resu.qlinear(_unwrap(x), *weight._quant_op_args(), bias, dtype)
     return linear_reference(_unwrap(x), weight._weight, bias, dtype)
 
 
 @implements(torch.ops.resu.linear_input_grad.default)
 def _linear_input_grad(func, args, kwargs):
     grad_out, weight, dtype = args
+    if weight._mode is ResuMode.QRESU:
+        # Recomputed here, never saved from the forward: the effective weight costs one pass over packed codes.
+        return linear_input_grad_reference(grad_out, weight._dequant_merge(dtype or grad_out.dtype), None)
     return linear_input_grad_reference(grad_out, weight._weight, dtype)
 
 
 @implements(torch.ops.resu.linear_weight_grad.default)
 def _linear_weight_grad(func, args, kwargs):
     grad_out, x, weight = args
-    if weight._mode is ResuMode.RESU:
+    if weight._mode.trains_theta:
         # Gather θ's gradient straight from the matmul result (bf16 under autocast): the dense
         # weight-dtype gradient is never materialized.
         dense = rows(grad_out).t() @ rows(x)
@@ -433,27 +556,23 @@ def _linear_weight_grad(func, args, kwargs):
 # ---------------------------------------------------------------------- op table: aten ops
 @implements([aten.detach.default, aten.alias.default])
 def _detach(func, args, kwargs):
-    p = args[0]
-    return p._same_inner(func(p._weight), p._mask_storage)
+    return args[0]._map_inner(lambda t, _: func(t))
 
 
 @implements(aten.clone.default)
 def _clone(func, args, kwargs):
-    p = args[0]
-    mask = p._mask_storage.clone() if p._mask_storage is not None else None
-    return p._same_inner(p._weight.clone(), mask)
+    return args[0]._map_inner(lambda t, _: t.clone(), lambda m: m.clone())
 
 
 @implements(aten._to_copy.default)
 def _to_copy(func, args, kwargs):
-    """dtype/device moves keep the subclass (``model.to(...)``, ``.cuda()``, ``.bfloat16()``)."""
-    p = args[0]
-    weight = func(p._weight, **kwargs)
+    """dtype/device moves keep the subclass (``model.to(...)``, ``.cuda()``, ``.bfloat16()``).
+
+    The dtype applies to the weight (θ in QRESU mode); codes, scales and the mask only move device.
+    """
     device = kwargs.get("device")
-    mask = p._mask_storage
-    if mask is not None and device is not None:
-        mask = mask.to(device=device)
-    return p._same_inner(weight, mask)
+    move = (lambda t: t.to(device=device)) if device is not None else None
+    return args[0]._map_inner(lambda t, is_value: func(t, **kwargs) if is_value else (move(t) if move else t), move)
 
 
 @implements(aten.copy_.default)
@@ -468,23 +587,38 @@ def _copy_(func, args, kwargs):
     if not isinstance(dst, ResuParameter):
         return func(dst, _unwrap(src), **kwargs)
     if isinstance(src, ResuParameter):
-        dst._weight.copy_(src._weight)
-        mask = src._mask_storage
-        if mask is not None:
-            mask = mask.to(device=dst.device, copy=True)
-        enc = src._encoding.value if src._encoding is not None else None
-        if (src._mode, src._layout_id) != (dst._mode, dst._layout_id):
-            dst.grad = None
-        dst._set_layout(src._mode, mask, enc, src._n_pruned)
-        dst._layout_id = src._layout_id
+        _adopt_copy(dst, src)
         return dst
-    if dst._mode is ResuMode.RESU:
+    if dst._mode.trains_theta:
         raise RuntimeError(
-            "copying a plain tensor into a ResuParameter in RESU mode (load_state_dict of a dense checkpoint?) "
-            "would overwrite its frozen active weights and θ. Load it before resu.enter_resu_, or load a "
-            "state_dict saved from a model with ResuParameters (it carries mode and mask)."
+            f"copying a plain tensor into a ResuParameter in {dst._mode.name} mode (load_state_dict of a dense "
+            "checkpoint?) would overwrite its frozen active weights and θ. Load it before resu.enter_resu_ / "
+            "resu.enter_qresu_, or load a state_dict saved from a model with ResuParameters (it carries mode and mask)."
         )
     return _run_on_effective_weight(func, args, kwargs)
+
+
+def _adopt_copy(dst: "ResuParameter", src: "ResuParameter") -> None:
+    """Make ``dst`` a copy of ``src`` (values, mode, mask, quantized state) on ``dst``'s device and dtype."""
+    device = dst.device
+    if src._weight is not None and dst._weight is not None and src._weight.shape == dst._weight.shape:
+        dst._weight.copy_(src._weight)  # in place: keeps the storage the parameter already had
+    elif src._weight is not None:
+        dst._weight = src._weight.to(device=device, dtype=dst.dtype, copy=True)
+    else:
+        dst._weight = None
+    quant = src._quant
+    if quant is not None:
+        quant = quant.map(lambda t, is_value: t.to(device=device, dtype=dst.dtype if is_value else t.dtype, copy=True))
+    dst._set_quant(quant)
+    mask = src._mask_storage
+    if mask is not None:
+        mask = mask.to(device=device, copy=True)
+    enc = src._encoding.value if src._encoding is not None else None
+    if (src._mode, src._layout_id) != (dst._mode, dst._layout_id):
+        dst.grad = None
+    dst._set_layout(src._mode, mask, enc, src._n_pruned)
+    dst._layout_id = src._layout_id
 
 
 @implements(

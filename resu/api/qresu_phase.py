@@ -1,0 +1,98 @@
+"""``enter_qresu_`` / ``exit_qresu_``: a resurrection phase over quantized, frozen active weights."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from resu.api.params import require_resu_parameters
+from resu.api.theta_init import initial_theta
+from resu.api.validation import check_nonnegative
+from resu.tensors.mode import ResuMode
+from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
+
+
+def enter_qresu_(
+    model: nn.Module,
+    bits: int = 4,
+    scheme: str = "per_channel",
+    group_size: int = 128,
+    epsilon: float = 0.1,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> nn.Module:
+    """Start a QRESU phase: quantize the frozen active weights, give the pruned slots a trainable θ, in place.
+
+    For every pruned weight the active values are quantized (asymmetric: a scale and a zero point per
+    tensor, per output channel or per ``group_size`` columns of a row, range taken over active slots
+    only) and stored as packed codes (two per byte at 4 bits); θ becomes a flat vector of the pruned
+    slots' values (the weight's dtype), initialised as :func:`resu.enter_resu_` does,
+    θ ~ N(0, (ε·σ_A)²); the dense weight is freed. The forward rebuilds the effective weight on the
+    fly (``resu::dequant_merge``). Train θ with :class:`resu.ResuAdamW`.
+
+    Args:
+        model: a pruned model (every ResuParameter in SPARSE mode, see :func:`resu.prune_`).
+        bits: 4 or 8.
+        scheme: ``"per_channel"``, ``"per_tensor"`` or ``"per_group"``.
+        group_size: columns per scale for ``"per_group"`` (a positive int; ignored otherwise).
+        epsilon: θ initialisation scale relative to σ_A, >= 0.
+        generator: random generator for θ.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: bad ``bits``/``scheme``/``group_size``/``epsilon``, or a ResuParameter that is not
+            in SPARSE mode. The model is left unchanged.
+    """
+    check_format(bits, scheme, group_size, "enter_qresu_")
+    epsilon = check_nonnegative(epsilon, "epsilon", "enter_qresu_")
+    params = require_resu_parameters(model, "enter_qresu_")
+    for name, p in params:
+        if p.mode is ResuMode.DENSE:
+            raise ValueError(f"enter_qresu_: `{name}` has no mask; call resu.prune_(model, sparsity) first")
+        if p.mode.trains_theta:
+            exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
+            raise ValueError(f"enter_qresu_: `{name}` is already in {p.mode.name} mode; call resu.{exit_fn}(model) first")
+    fmt = QuantFormat(bits, scheme, group_size)
+    states = []
+    with torch.no_grad():
+        for _, p in params:
+            weight = p.effective_weight()
+            qdata, scale, zero = quantize_active(weight, p._pruned_bool(), fmt)
+            theta = initial_theta(p, epsilon, generator).to(p.dtype)
+            states.append(QuantizedState(qdata, scale, zero, theta, fmt))
+    for (_, p), state in zip(params, states):
+        p._enter_qresu_(state)
+        p.grad = None
+    return model
+
+
+def exit_qresu_(model: nn.Module, commit: bool = True) -> nn.Module:
+    """End a QRESU phase, in place: dequantize the active weights into a dense weight again.
+
+    Args:
+        model: a model whose ResuParameters are in QRESU mode (others are left as they are).
+        commit: True merges θ into the pruned slots and returns to DENSE mode (every slot active);
+            False zeroes them and returns to SPARSE mode with the same mask.
+
+    The active weights come back as their dequantized values (quantization error included).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: no ResuParameter of ``model`` is in QRESU mode, or ``commit`` is not a bool.
+    """
+    if not isinstance(commit, bool):
+        raise ValueError(f"exit_qresu_: `commit` must be True or False, got {commit!r}")
+    params = require_resu_parameters(model, "exit_qresu_")
+    in_qresu = [p for _, p in params if p.mode is ResuMode.QRESU]
+    if not in_qresu:
+        raise ValueError("exit_qresu_: no weight of `model` is in QRESU mode; call resu.enter_qresu_(model) first")
+    for p in in_qresu:
+        p._exit_qresu_(commit)
+        p.grad = None
+    return model

@@ -1,0 +1,101 @@
+"""The QRESU dequant+merge Triton kernel against its PyTorch reference, and the ops' registrations.
+
+On CPU the kernel runs under ``TRITON_INTERPRET=1`` (set by conftest); ``pytest -m cuda`` runs the same
+cases compiled on a GPU.
+"""
+
+import pytest
+import torch
+
+from resu.compile.qlinear import dequant_merge_reference, qlinear_reference
+from resu.tensors import mask as mask_ops
+from resu.tensors.quantized import QuantFormat, quantize_active
+
+triton_qresu = pytest.importorskip("resu.compile.triton_qresu")
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+FORMATS = [QuantFormat(4, "per_channel"), QuantFormat(8, "per_tensor"), QuantFormat(4, "per_group", 16), QuantFormat(8, "per_group", 7)]
+ENCODINGS = list(mask_ops.MaskEncoding)
+
+
+def _case(shape, sparsity, encoding, fmt, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    numel = rows * cols
+    k = int(round(sparsity * numel))
+    pruned = torch.zeros(numel, dtype=torch.bool)
+    pruned[torch.randperm(numel, generator=g)[:k]] = True
+    w = torch.randn(shape, generator=g)
+    storage = mask_ops._encode_as(pruned.view(shape), encoding)
+    qdata, scale, zero = quantize_active(w, pruned, fmt)
+    theta = torch.randn(k, generator=g)
+    args = (qdata, scale, zero, theta, storage, encoding.value, k, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols))
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), pruned.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.value)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (33, 65), (17, 300)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.02, 0.5, 0.98, 1.0])
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_dequant_merge_matches_reference(device, encoding, shape, sparsity, fmt):
+    args, pruned = _case(shape, sparsity, encoding, fmt, device, seed=hash((shape, sparsity, str(fmt))) % 10_000)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = triton_qresu.dequant_merge_triton(*args, dtype)
+        ref = dequant_merge_reference(*args, dtype)
+        assert got.dtype == ref.dtype == dtype and got.shape == shape
+        assert torch.equal(got, ref), dtype
+    # θ lands in the pruned slots, in ascending order
+    assert torch.equal(dequant_merge_reference(*args, torch.float32).reshape(-1)[pruned], args[3])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.value)
+def test_dequant_merge_half_output_on_cuda(encoding):
+    args, _ = _case((64, 129), 0.5 if encoding is mask_ops.MaskEncoding.BITMAP else 0.01, encoding, FORMATS[2], "cuda", 3)
+    assert torch.equal(triton_qresu.dequant_merge_triton(*args, torch.float16), dequant_merge_reference(*args, torch.float16))
+
+
+def _qlinear_inputs(device, bias=True):
+    args, pruned = _case((12, 40), 0.4, mask_ops.MaskEncoding.BITMAP, QuantFormat(4, "per_group", 16), device, 11)
+    x = torch.randn(3, 5, 40, device=device, requires_grad=True)
+    theta = args[3].clone().requires_grad_(True)
+    b = torch.randn(12, device=device, requires_grad=True) if bias else None
+    return x, args[:3] + (theta,) + args[4:], b, pruned
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlinear_gradients_match_autograd_on_the_effective_weight(device):
+    x, args, b, pruned = _qlinear_inputs(device)
+    out = torch.ops.resu.qlinear(x, *args, b, None)
+    g = torch.randn_like(out)
+    gx, gtheta, gb = torch.autograd.grad(out, (x, args[3], b), g)
+    # reference: the effective weight as a dense leaf, plain autograd
+    w = dequant_merge_reference(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args], torch.float32)
+    w.requires_grad_(True)
+    x2, b2 = x.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    out2 = torch.nn.functional.linear(x2, w, b2)
+    gx2, gw2, gb2 = torch.autograd.grad(out2, (x2, w, b2), g)
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(gb, gb2)
+    assert gtheta.shape == (int(pruned.sum()),)  # compact: one value per θ, no dense weight gradient
+    torch.testing.assert_close(gtheta, gw2.reshape(-1)[pruned])
+
+
+def test_qlinear_and_dequant_merge_pass_opcheck():
+    x, args, b, _ = _qlinear_inputs("cpu")
+    torch.library.opcheck(torch.ops.resu.qlinear.default, (x, *args, b, None))
+    torch.library.opcheck(torch.ops.resu.qlinear.default, (x.detach().bfloat16(), *args, None, torch.bfloat16))
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.resu.dequant_merge.default, (*plain, torch.bfloat16))
+
+
+def test_qlinear_reference_computes_in_the_compute_dtype():
+    x, args, b, _ = _qlinear_inputs("cpu")
+    with torch.no_grad():
+        out = qlinear_reference(x, *args, b, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
