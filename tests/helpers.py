@@ -14,12 +14,15 @@ def mlp(d_in=12, d_hidden=20, d_out=5, seed=0, dtype=torch.float32) -> nn.Module
 
 
 def model_in_mode(mode: str, sparsity=0.5, seed=0, dtype=torch.float32, **kw) -> nn.Module:
-    """An MLP whose Linear weights are ResuParameters in ``mode`` ("dense", "sparse", "resu")."""
+    """An MLP whose Linear weights are ResuParameters in ``mode`` ("dense", "sparse", "resu", "qresu")."""
     model = resu.sparsify_(mlp(seed=seed, dtype=dtype, **kw))
-    if mode in ("sparse", "resu"):
+    if mode in ("sparse", "resu", "qresu"):
         resu.prune_(model, sparsity)
     if mode == "resu":
         resu.enter_resu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(seed))
+    if mode == "qresu":
+        resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4, epsilon=0.5,
+                          generator=torch.Generator().manual_seed(seed))
     return model
 
 

@@ -1,15 +1,17 @@
-"""RESU vs dense nn.Linear on one GPU: forward time, training-step time and persistent memory as ratios.
+"""Dense vs RESU vs QRESU linear layers on one GPU: forward and training-step time, dequant bandwidth, memory.
 
 Run on a CUDA machine from the repository root::
 
-    PYTHONPATH=. python benchmarks/gpu_resu_linear.py            # full table
-    PYTHONPATH=. python benchmarks/gpu_resu_linear.py --quick    # small shapes, smoke run
+    PYTHONPATH=. python benchmarks/gpu_linear.py            # full table
+    PYTHONPATH=. python benchmarks/gpu_linear.py --quick    # small shapes, smoke run
 
-Dense baseline: ``nn.Linear`` + ``torch.optim.AdamW(fused=True)``; RESU: the same layer after
-``resu.sparsify_`` → ``prune_`` → ``enter_resu_`` with ``resu.ResuAdamW``. Both run in the same
-process, bf16 autocast, fp32 master weights, inputs that require grad (as inside a network).
-Times are medians of CUDA-event timings over several input sets; memory counts the bytes of
-weights, gradients, optimizer states and mask held after a step (before ``zero_grad``).
+Dense baseline: ``nn.Linear`` + ``torch.optim.AdamW(fused=True)``. RESU: the same layer after
+``resu.sparsify_`` → ``prune_`` → ``enter_resu_``; QRESU: after ``enter_qresu_`` (4-bit codes); both
+trained with ``resu.ResuAdamW``. Everything runs in one process: bf16 autocast, fp32 master weights,
+inputs that require grad (as inside a network). Times are medians of CUDA-event timings over several
+input sets; memory counts the bytes of weights (or codes, scales and θ), gradients, optimizer states and
+mask held after a step (before ``zero_grad``). The dequant+merge bandwidth counts the bytes the kernel
+reads and writes, against a device-to-device copy of a tensor the size of its output in the same run.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
     tensors = []
     for p in layer.parameters():
         if isinstance(p, resu.ResuParameter):
-            tensors += [p._weight, p._mask_storage]
+            tensors += [p._weight, p._mask_storage, p._qdata, p._qscale, p._qzero, p._theta]
             if p._mask_storage is not None and p._mask_storage.is_cuda:
                 from resu.compile.triton_bitmap import cached_offsets_of
 
@@ -92,20 +94,38 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
     return _tensor_bytes(tensors)
 
 
-def build(kind: str, in_f: int, out_f: int, sparsity: float):
+def build(kind: str, in_f: int, out_f: int, sparsity: float, scheme: str = "per_channel"):
     torch.manual_seed(0)
     layer = nn.Linear(in_f, out_f, bias=False, device="cuda")
     if kind == "dense":
         return layer, torch.optim.AdamW(layer.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
     resu.sparsify_(layer)
     resu.prune_(layer, sparsity)
-    resu.enter_resu_(layer, epsilon=0.1)
+    if kind == "qresu":
+        resu.enter_qresu_(layer, bits=4, scheme=scheme, epsilon=0.1)
+    else:
+        resu.enter_resu_(layer, epsilon=0.1)
     return layer, resu.ResuAdamW(layer.parameters(), lr=1e-4, weight_decay=0.01)
 
 
-def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False, kernels_only=False):
+def dequant_bandwidth(in_f: int, out_f: int, sparsity: float, scheme: str, iters: int) -> tuple[float, float]:
+    """(dequant+merge GB/s, device-to-device copy GB/s) for one 4-bit QRESU weight, bytes read + written."""
+    torch.cuda.empty_cache()
+    layer, _ = build("qresu", in_f, out_f, sparsity, scheme)
+    p = layer.weight
+    args = p._quant_op_args()
+    out = torch.ops.resu.dequant_merge(*args, torch.bfloat16)
+    moved = sum(t.numel() * t.element_size() for t in args[:5] if isinstance(t, torch.Tensor))
+    moved += out.numel() * out.element_size()
+    ms = _time_ms(lambda: torch.ops.resu.dequant_merge(*args, torch.bfloat16), iters)
+    src = torch.empty_like(out)
+    copy_ms = _time_ms(lambda: out.copy_(src), iters)
+    return moved / ms / 1e6, 2 * out.numel() * out.element_size() / copy_ms / 1e6
+
+
+def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False, kernels_only=False, scheme="per_channel"):
     torch.cuda.empty_cache()  # the previous configuration's tensors are gone by now
-    layer, opt = build(kind, in_f, out_f, sparsity)
+    layer, opt = build(kind, in_f, out_f, sparsity, scheme)
     fwd_module = torch.compile(layer, fullgraph=True) if compiled else layer
     xs = [torch.randn(tokens, in_f, device="cuda", requires_grad=True) for _ in range(3)]
     gs = [torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
@@ -150,42 +170,57 @@ def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False,
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--scheme", default="per_channel", help="QRESU scale grouping (per_channel|per_tensor|per_group)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each step")
+    ap.add_argument("--kernels", action="store_true", help="also sum each step's CUDA kernel time (torch.profiler)")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each eager step")
+    ap.add_argument("--no-compile", action="store_true", help="eager only")
     args = ap.parse_args(argv)
     shapes = [(4096, 4096), (11008, 4096)]  # (in_features, out_features): 4096×4096 and 4096×11008 weights
     if args.quick:
         shapes, args.tokens, args.iters = [(512, 256)], 256, 5
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  tokens={args.tokens}  "
-          f"sparsity={args.sparsity}  bf16 autocast, fp32 master weights")
-    header = (f"{'weight (out×in)':>16} {'mode':>9} {'fwd ms':>8} {'fwd×':>6} {'step ms':>8} {'step×':>6} "
-              f"{'mem MiB':>8} {'mem×':>6} {'step GPU-kernel ms':>18} {'×':>6}")
-    print(header)
-    configs = [(in_f, out_f, compiled) for in_f, out_f in shapes for compiled in (False, True)]
+          f"bf16 autocast, fp32 master weights, QRESU 4-bit {args.scheme}")
+    modes = (False,) if args.no_compile else (False, True)
+    configs = []  # (kind, in_f, out_f, sparsity, compiled); dense does not depend on the sparsity
+    for in_f, out_f in shapes:
+        for compiled in modes:
+            configs.append(("dense", in_f, out_f, 0.0, compiled))
+            configs += [(kind, in_f, out_f, s, compiled) for s in args.sparsities for kind in ("resu", "qresu")]
     timings = {}
-    for in_f, out_f, compiled in configs:
-        prof = args.profile and not compiled and (in_f, out_f) == shapes[0]
-        for kind in ("dense", "resu"):
-            timings[kind, in_f, out_f, compiled] = measure(
-                kind, in_f, out_f, args.tokens, args.sparsity, compiled, args.iters, prof
-            )
-    kernel = {
-        key: measure(key[0], key[1], key[2], args.tokens, args.sparsity, key[3], args.iters, kernels_only=True)
-        for key in timings
+    for kind, in_f, out_f, s, compiled in configs:
+        prof = args.profile and not compiled and kind != "dense" and (in_f, out_f) == shapes[0]
+        timings[kind, in_f, out_f, s, compiled] = measure(
+            kind, in_f, out_f, args.tokens, s, compiled, args.iters, prof, scheme=args.scheme
+        )
+    bandwidth = {
+        (in_f, out_f, s): dequant_bandwidth(in_f, out_f, s, args.scheme, args.iters)
+        for in_f, out_f in shapes for s in args.sparsities
     }
-    for in_f, out_f, compiled in configs:
-        base = (*timings["dense", in_f, out_f, compiled], kernel["dense", in_f, out_f, compiled])
-        for name in ("dense", "resu"):
-            f, s_, m = timings[name, in_f, out_f, compiled]
-            h = kernel[name, in_f, out_f, compiled]
-            tag = "/c" if compiled else "/e"
-            print(f"{f'{out_f}×{in_f}':>16} {name + tag:>9} {f:8.3f} {f / base[0]:6.3f} "
-                  f"{s_:8.3f} {s_ / base[1]:6.3f} {m / 2**20:8.1f} {m / base[2]:6.3f} {h:18.3f} {h / base[3]:6.3f}", flush=True)
-    print("mode: /e eager, /c torch.compile(fullgraph=True). fwd/step: back-to-back CUDA-event timing;")
-    print("step GPU-kernel: summed CUDA kernel time per step from torch.profiler (device work without host overhead).")
-    print("targets (DESIGN.md §7): RESU forward ≤ 1.02×, step ≤ 0.90×, memory ≤ 0.65× of dense")
+    kernel = {}
+    if args.kernels:  # after every wall-clock timing: the profiler slows later launches
+        kernel = {key: measure(*key[:3], args.tokens, key[3], key[4], args.iters, kernels_only=True, scheme=args.scheme)
+                  for key in timings}
+    print(f"{'weight (out×in)':>16} {'s':>4} {'mode':>9} {'fwd ms':>8} {'fwd×':>6} {'step ms':>8} {'step×':>6} "
+          f"{'mem MiB':>8} {'mem×':>6}" + (f" {'kernel ms':>10} {'×':>6}" if kernel else ""))
+    for key in configs:
+        kind, in_f, out_f, s, compiled = key
+        base_key = ("dense", in_f, out_f, 0.0, compiled)
+        (f, st, m), (bf, bst, bm) = timings[key], timings[base_key]
+        tag = "/c" if compiled else "/e"
+        line = (f"{f'{out_f}×{in_f}':>16} {s:4.1f} {kind + tag:>9} {f:8.3f} {f / bf:6.3f} {st:8.3f} {st / bst:6.3f} "
+                f"{m / 2**20:8.1f} {m / bm:6.3f}")
+        if kernel:
+            line += f" {kernel[key]:10.3f} {kernel[key] / kernel[base_key]:6.3f}"
+        print(line, flush=True)
+    print(f"{'weight (out×in)':>16} {'s':>4} {'dequant+merge GB/s':>19} {'copy GB/s':>10} {'ratio':>6}")
+    for (in_f, out_f, s), (dq, cp) in bandwidth.items():
+        print(f"{f'{out_f}×{in_f}':>16} {s:4.1f} {dq:19.0f} {cp:10.0f} {dq / cp:6.3f}")
+    print("mode: /e eager, /c torch.compile(fullgraph=True); ratios against dense in the same mode.")
+    print("targets (DESIGN.md §7): RESU fwd ≤ 1.02×, step ≤ 0.90×, mem ≤ 0.65× (s=0.5); "
+          "QRESU fwd ≤ 1.10×, step ≤ 1.05×, mem ≤ 0.45× (s=0.3); dequant+merge ≥ 0.80× copy bandwidth")
 
 
 if __name__ == "__main__":
