@@ -96,7 +96,7 @@ def test_offsets_cache_follows_the_storage_tensor():
     again = triton_bitmap.cached_block_offsets(storage, numel, True)
     assert again is not first
     assert torch.equal(again, triton_bitmap.block_offsets(storage, numel, True))
-    key = (id(storage), True)
+    key = (id(storage), True, triton_bitmap.BLOCK)
     assert key in triton_bitmap._OFFSETS_CACHE
     del storage
     assert key not in triton_bitmap._OFFSETS_CACHE

@@ -38,7 +38,7 @@ def _case(shape, sparsity, encoding, fmt, device, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.value)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (33, 65), (17, 300)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (33, 65), (17, 300), (5, 64), (9, 40)])  # cols % 8 == 0: per-row scales
 @pytest.mark.parametrize("sparsity", [0.0, 0.02, 0.5, 0.98, 1.0])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_dequant_merge_matches_reference(device, encoding, shape, sparsity, fmt):

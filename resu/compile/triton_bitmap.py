@@ -47,20 +47,20 @@ def block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block:
     return (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
 
 
-# (id(storage), select_pruned) -> (weakref to storage, storage._version, offsets). The offsets depend on
+# (id(storage), select_pruned, block) -> (weakref to storage, storage._version, offsets). The offsets depend on
 # the mask alone, so they are computed once per mask storage tensor instead of on every backward and
 # optimizer step; an entry dies with its storage tensor (weakref callback) and is recomputed if the
 # storage is ever written in place (version counter). 4 bytes per 1024 slots.
-_OFFSETS_CACHE: dict[tuple[int, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+_OFFSETS_CACHE: dict[tuple[int, bool, int], tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
-def cached_block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool) -> torch.Tensor:
-    """:func:`block_offsets` of ``storage``, computed once per mask storage tensor."""
-    key = (id(storage), select_pruned)
+def cached_block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block: int = BLOCK) -> torch.Tensor:
+    """:func:`block_offsets` of ``storage``, computed once per mask storage tensor and block size."""
+    key = (id(storage), select_pruned, block)
     hit = _OFFSETS_CACHE.get(key)
     if hit is not None and hit[0]() is storage and hit[1] == storage._version:
         return hit[2]
-    offsets = block_offsets(storage, numel, select_pruned)
+    offsets = block_offsets(storage, numel, select_pruned, block)
     ref = weakref.ref(storage, lambda _ref, key=key: _OFFSETS_CACHE.pop(key, None))
     _OFFSETS_CACHE[key] = (ref, storage._version, offsets)
     return offsets
@@ -69,10 +69,9 @@ def cached_block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool)
 def cached_offsets_of(storage: torch.Tensor) -> list[torch.Tensor]:
     """The cached offset tensors of one mask storage (for memory accounting)."""
     out = []
-    for select in (True, False):
-        hit = _OFFSETS_CACHE.get((id(storage), select))
-        if hit is not None and hit[0]() is storage:
-            out.append(hit[2])
+    for (sid, _, _), (ref, _, offsets) in list(_OFFSETS_CACHE.items()):
+        if sid == id(storage) and ref() is storage:
+            out.append(offsets)
     return out
 
 

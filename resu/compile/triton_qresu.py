@@ -1,6 +1,6 @@
 """Triton kernel for QRESU: dequantize packed codes and merge θ into the effective weight, in one pass.
 
-Each program writes ``BLOCK`` consecutive slots of the effective weight (flat, row-major). It reads the
+Each program writes ``QBLOCK`` consecutive slots of the effective weight (flat, row-major). It reads the
 packed codes once (half a byte per slot at 4 bits), the slot's scale and zero (a few values per
 program, cached), and for pruned slots θ at the slot's rank among the pruned slots:
 
@@ -20,8 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.compile.triton_bitmap import BLOCK, _selected, cached_block_offsets
+from resu.compile.triton_bitmap import cached_block_offsets
 from resu.tensors import mask as mask_ops
+
+# Slots per program and warps per program: 16 slots per thread amortize the per-block work, and
+# two warps keep the in-block rank scan cheap; the best of a sweep on an H100 (see BENCHMARKS.md).
+QBLOCK = 1024
+NUM_WARPS = 2
 
 _ENCODING_IDS = {
     mask_ops.MaskEncoding.BITMAP.value: 0,
@@ -61,29 +66,58 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
+def _popcount8(x):
+    """Set bits of each value in 0..255 (no popcount builtin that also runs in the interpreter)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+@triton.jit
 def _dequant_merge_kernel(
-    q_ptr, scale_ptr, zero_ptr, theta_ptr, mask_ptr, offsets_ptr, out_ptr,
-    numel, cols, n_idx, group_cols, row_stride,
-    BITS: tl.constexpr, ENCODING: tl.constexpr, SEARCH_STEPS: tl.constexpr, OUT_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
+    q_ptr, scale_ptr, zero_ptr, theta_ptr, mask_ptr, offsets_ptr, out_ptr, numel, n_idx,
+    COLS: tl.constexpr, GROUP_COLS: tl.constexpr, ROW_STRIDE: tl.constexpr,
+    SCALE_MODE: tl.constexpr, BITS: tl.constexpr, ENCODING: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # A block of BLOCK slots as a (BLOCK // 8, 8) tile: one mask byte per tile row, so a bitmap's
+    # in-block ranks need a scan over BLOCK / 8 byte popcounts instead of BLOCK bits.
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    byte_row = tl.arange(0, BLOCK // 8)
+    bit = tl.arange(0, 8)
+    offs = pid * BLOCK + byte_row[:, None] * 8 + bit[None, :]
     in_bounds = offs < numel
     if BITS == 4:
-        byte = tl.load(q_ptr + (offs >> 1), mask=in_bounds, other=0).to(tl.int32)
-        code = (byte >> ((offs & 1) * 4)) & 15
+        # Four whole bytes per tile row (a vector load), split into nibbles: even slots low, odd high.
+        byte_offs = pid * (BLOCK // 2) + byte_row[:, None] * 4 + tl.arange(0, 4)[None, :]
+        packed = tl.load(q_ptr + byte_offs, mask=byte_offs * 2 < numel, other=0).to(tl.int32)
+        code = tl.interleave(packed & 15, packed >> 4)
     else:
         code = tl.load(q_ptr + offs, mask=in_bounds, other=0).to(tl.int32)
-    row = offs // cols
-    sidx = row * row_stride + (offs - row * cols) // group_cols
-    s = tl.load(scale_ptr + sidx, mask=in_bounds, other=1.0)
-    z = tl.load(zero_ptr + sidx, mask=in_bounds, other=0.0)
+    if SCALE_MODE == 0:  # per tensor: one scale
+        s = tl.load(scale_ptr)
+        z = tl.load(zero_ptr)
+    elif SCALE_MODE == 1:  # the 8 slots of a tile row share a scale (groups and rows are multiples of 8)
+        first = pid * BLOCK + byte_row * 8
+        row = first // COLS  # COLS is a compile-time constant: a multiply and a shift, no division
+        sidx = row * ROW_STRIDE + (first - row * COLS) // GROUP_COLS
+        s = tl.load(scale_ptr + sidx, mask=first < numel, other=1.0)[:, None]
+        z = tl.load(zero_ptr + sidx, mask=first < numel, other=0.0)[:, None]
+    else:
+        row = offs // COLS
+        sidx = row * ROW_STRIDE + (offs - row * COLS) // GROUP_COLS
+        s = tl.load(scale_ptr + sidx, mask=in_bounds, other=1.0)
+        z = tl.load(zero_ptr + sidx, mask=in_bounds, other=0.0)
     w = (code.to(tl.float32) - z) * s
     if ENCODING == 0:
-        pruned = _selected(mask_ptr, offs, numel, True)
-        pi = pruned.to(tl.int32)
-        rank = tl.load(offsets_ptr + pid) + tl.cumsum(pi, axis=0) - pi
+        byte_idx = pid * (BLOCK // 8) + byte_row
+        byte = tl.load(mask_ptr + byte_idx, mask=byte_idx * 8 < numel, other=0).to(tl.int32)
+        count = _popcount8(byte)
+        before_byte = tl.load(offsets_ptr + pid) + tl.cumsum(count, axis=0) - count
+        flag = (byte[:, None] >> bit[None, :]) & 1
+        pruned = (flag != 0) & in_bounds
+        # the 8 slots of a tile row sit in one thread: this scan is a few register adds
+        rank = before_byte[:, None] + tl.cumsum(flag, axis=1) - flag
     else:
         below, listed = _count_below(mask_ptr, n_idx, offs, SEARCH_STEPS)
         if ENCODING == 1:
@@ -100,6 +134,13 @@ def _dequant_merge_kernel(
         tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
+def _scale_mode(cols: int, group_cols: int, row_stride: int) -> int:
+    """0: one scale; 1: one scale per 8 consecutive slots (loaded once per tile row); 2: per slot."""
+    if row_stride == 0:
+        return 0
+    return 1 if cols % 8 == 0 and group_cols % 8 == 0 else 2
+
+
 def dequant_merge_triton(
     qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
 ) -> torch.Tensor:
@@ -109,17 +150,18 @@ def dequant_merge_triton(
     if numel == 0:
         return out
     enc = _ENCODING_IDS[mask_ops.MaskEncoding(encoding).value]
-    n_blocks = triton.cdiv(numel, BLOCK)
+    n_blocks = triton.cdiv(numel, QBLOCK)
     if enc == 0:
-        offsets = cached_block_offsets(storage, numel, True)
+        offsets = cached_block_offsets(storage, numel, True, QBLOCK)
         n_idx, steps = 0, 1
     else:
         offsets = storage  # unused: a valid pointer for the launch
         n_idx = storage.numel()
         steps = max(1, int(n_idx).bit_length())
     _dequant_merge_kernel[(n_blocks,)](
-        qdata, scale.reshape(-1), zero.reshape(-1), theta, storage, offsets, out,
-        numel, cols, n_idx, group_cols, row_stride,
-        bits, enc, steps, out_dtype == torch.bfloat16, BLOCK,
+        qdata, scale.reshape(-1), zero.reshape(-1), theta, storage, offsets, out, numel, n_idx,
+        cols, group_cols, row_stride, _scale_mode(cols, group_cols, row_stride), bits, enc, steps,
+        out_dtype == torch.bfloat16, QBLOCK,
+        num_warps=NUM_WARPS,
     )
     return out
