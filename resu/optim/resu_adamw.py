@@ -149,7 +149,7 @@ class ResuAdamW(torch.optim.Optimizer):
             return None
         return p.n_pruned if p.mode.trains_theta else p.numel() - p.n_pruned
 
-    def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool, selection: Optional[str] = None) -> dict:
+    def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool, selection: Optional[tuple] = None) -> dict:
         """The state of ``p``, (re)laid out for its current trainable slots (``selection``: the
         selective layout tag, see :func:`resu.optim.selective.state_layout`)."""
         state = self.state[p]
@@ -160,7 +160,7 @@ class ResuAdamW(torch.optim.Optimizer):
             state["layout_id"] = layout
             for key in _STATE_KEYS[: 3 if amsgrad else 2]:
                 state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        elif state.get("layout_id") != layout or state.get("selection") != selection:
+        elif state.get("layout_id") != layout or _as_tuple(state.get("selection")) != selection:
             if "layout_id" not in state and state["exp_avg"].shape == shape and selection is None:
                 # States without a layout (from torch.optim.AdamW, say) that fit: adopt them.
                 state["layout_id"] = layout
@@ -273,3 +273,8 @@ def _check_selective(selective: Any, amsgrad: bool) -> None:
         )
     if selective is not None and amsgrad:
         raise ValueError("ResuAdamW: `selective` updates do not support `amsgrad`; use amsgrad=False")
+
+
+def _as_tuple(tag: Any) -> Optional[tuple]:
+    # torch.save/load may hand a saved tuple back as a list.
+    return tuple(tag) if isinstance(tag, (tuple, list)) else tag

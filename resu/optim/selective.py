@@ -8,7 +8,7 @@ State of a selective weight (``optimizer.state[p]``, all tensors, so ``state_dic
 - static: ``subset`` (k ascending θ indices), ``subset_positions`` (where they sit in the flattened
   θ holder), ``subset_choices`` (how many subsets were chosen so far) and, for ``"random"``,
   ``subset_seed`` (each choice draws from a generator seeded with seed + choices).
-- ``selection``: which layout the Adam states have ("consistency", or "<strategy>:<k>").
+- ``selection``: which layout the Adam states have, ``(strategy index, k)``.
 
 Step counter: ``step`` is per weight and counts the selective steps of that weight (the bias
 correction of a slot updated at step t is that of step t, as in sparse Adam variants); a coordinate
@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from resu.core.selective import SelectionConfig
+from resu.core.selective import STRATEGIES, SelectionConfig
 from resu.optim.consistency import consistency_selection, selection_keys
 from resu.optim.theta_slots import ThetaTarget, adamw_subset_, adamw_where_key_, positions_in_target
 
@@ -33,12 +33,16 @@ SELECTIVE_KEYS = EMA_KEYS + SUBSET_KEYS
 INTEGER_KEYS = SUBSET_KEYS  # kept integral across load_state_dict (it casts floating params' states)
 
 
-def state_layout(config: SelectionConfig, n_slots: int) -> tuple[str, int]:
-    """(layout tag, Adam state size) of a weight with ``n_slots`` θ slots under ``config``."""
+def state_layout(config: SelectionConfig, n_slots: int) -> tuple[tuple[int, int], int]:
+    """(layout tag, Adam state size) of a weight with ``n_slots`` θ slots under ``config``.
+
+    The tag is ``(strategy index in STRATEGIES, k)`` (k = 0 for consistency): plain ints, because
+    ``Optimizer.load_state_dict`` rebuilds strings in the state as generators of characters."""
+    code = STRATEGIES.index(config.strategy)
     if config.is_static:
         k = config.select_count(n_slots)
-        return f"{config.strategy}:{k}", k
-    return "consistency", n_slots
+        return (code, k), k
+    return (code, 0), n_slots
 
 
 class SelectionStats:
