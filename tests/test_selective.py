@@ -149,8 +149,9 @@ def test_random_subset_is_reproducible_and_refreshes_every_n_steps():
         return subsets, steps, theta_of(p)
 
     subsets, steps, theta = run()
-    again, steps2, theta2 = run()
+    again, steps_again, theta2 = run()
     assert all(torch.equal(a, b) for a, b in zip(subsets, again)) and torch.equal(theta, theta2)
+    assert steps_again == steps
     assert steps == [1, 2, 3, 1, 2, 3, 1]  # Adam restarts for each new subset
     assert torch.equal(subsets[0], subsets[2]) and not torch.equal(subsets[2], subsets[3])
     assert not torch.equal(subsets[3], subsets[6])

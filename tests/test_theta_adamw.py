@@ -7,7 +7,11 @@ On CPU these run the references (bitwise equal to torch.optim.AdamW's single-ten
 import pytest
 import torch
 
-from resu.compile.theta_adamw import theta_adamw_, theta_adamw_reference_, theta_adamw_where_key_
+from resu.compile.theta_adamw import (
+    theta_adamw_,
+    theta_adamw_reference_,
+    theta_adamw_where_key_,
+)
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
 

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from resu.compile.theta_adamw import indexed_adamw_reference_, theta_adamw_reference_
-from resu.optim.consistency import consistency_pass_reference_, kth_largest, selection_keys_reference
+from resu.optim.consistency import (
+    consistency_pass_reference_,
+    kth_largest,
+    selection_keys_reference,
+)
 from resu.optim.theta_slots import PrunedSlots
 from resu.tensors import mask as mask_ops
 

@@ -6,10 +6,16 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from resu.compile.masked_ops import masked_adamw_
 from resu.compile.adamw_math import adamw_update_
+from resu.compile.masked_ops import masked_adamw_
 from resu.core.selective import SelectionConfig
-from resu.optim.selective import INTEGER_KEYS, SELECTIVE_KEYS, SelectionStats, selective_step_, state_layout
+from resu.optim.selective import (
+    INTEGER_KEYS,
+    SELECTIVE_KEYS,
+    SelectionStats,
+    selective_step_,
+    state_layout,
+)
 from resu.optim.theta_slots import PrunedSlots, ThetaTarget, adamw_all_
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode

@@ -25,7 +25,12 @@ import torch
 
 from resu.core.selective import STRATEGIES, SelectionConfig
 from resu.optim.consistency import consistency_selection, selection_keys
-from resu.optim.theta_slots import ThetaTarget, adamw_subset_, adamw_where_key_, positions_in_target
+from resu.optim.theta_slots import (
+    ThetaTarget,
+    adamw_subset_,
+    adamw_where_key_,
+    positions_in_target,
+)
 
 EMA_KEYS = ("selection_m", "selection_v")
 SUBSET_KEYS = ("subset", "subset_positions", "subset_choices", "subset_seed")
