@@ -20,10 +20,10 @@ from tests.helpers import assert_same_snapshot, model_in_mode, snapshot
 HYPER = dict(lr=1e-2, weight_decay=0.1)
 
 
-def resu_weight(shape, sparsity, seed=0):
-    """A RESU-mode ResuParameter (random mask, θ ~ N(0, 0.25·σ²))."""
+def resu_weight(shape, sparsity, seed=0, device="cpu"):
+    """A RESU-mode ResuParameter (random mask, θ ~ N(0, 0.25·σ²)); the same values on every device."""
     torch.manual_seed(seed)
-    layer = resu.sparsify_(nn.Linear(shape[1], shape[0], bias=False))
+    layer = resu.sparsify_(nn.Linear(shape[1], shape[0], bias=False).to(device))
     resu.prune_(layer, sparsity, method="random", generator=torch.Generator().manual_seed(seed))
     resu.enter_resu_(layer, epsilon=0.5, generator=torch.Generator().manual_seed(seed))
     return layer.weight
@@ -304,19 +304,26 @@ def test_stats_before_any_step_are_zero():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("strategy", ["consistency", "magnitude"])
-def test_cuda_selective_training_matches_cpu(strategy):
+@pytest.mark.parametrize("strategy", ["consistency", "random", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.98])  # bitmap mask (fused kernel) and index mask
+def test_cuda_selective_training_matches_cpu(strategy, sparsity):
     cfg = SelectionConfig(strategy=strategy, tau_stable=0.2, k_select_ratio=0.3)
-    cpu = resu_weight((64, 300), 0.5, seed=9)
-    gpu = resu_weight((64, 300), 0.5, seed=9)
-    gpu.data = gpu.cuda()  # keeps subclass, mask and mode
-    opt_c = resu.ResuAdamW([cpu], **HYPER, selective=cfg)
-    opt_g = resu.ResuAdamW([gpu], **HYPER, selective=cfg)
+    cpu = resu_weight((64, 300), sparsity, seed=9)
+    gpu = resu_weight((64, 300), sparsity, seed=9, device="cuda")
+    opts = []
+    for p in (cpu, gpu):
+        torch.manual_seed(3)  # the random subset's seed
+        opts.append(resu.ResuAdamW([p], **HYPER, selective=cfg))
     for _ in range(4):
         g = torch.randn(cpu.n_pruned)
         set_theta_grad(cpu, g)
         set_theta_grad(gpu, g.cuda())
-        opt_c.step()
-        opt_g.step()
-    assert opt_g.selection_stats()["n_selected"] == opt_c.selection_stats()["n_selected"]
+        for o in opts:
+            torch.manual_seed(3)
+            o.step()
+    assert opts[1].selection_stats()["n_selected"] == opts[0].selection_stats()["n_selected"]
+    torch.testing.assert_close(opts[1].selection_stats()["mean_consistency"], opts[0].selection_stats()["mean_consistency"])
     torch.testing.assert_close(gpu.effective_weight().cpu(), cpu.effective_weight(), rtol=1e-5, atol=1e-6)
+    for key, value in opts[0].state[cpu].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(opts[1].state[gpu][key].cpu(), value, rtol=1e-5, atol=1e-6)

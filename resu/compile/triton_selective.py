@@ -98,8 +98,9 @@ def consistency_pass_triton_(
     the eligible slots (P_mag ∩ P_con) and −1 elsewhere. Returns (ΣC, |P_mag ∩ P_con|) as 0-d tensors."""
     n = grad.numel()
     n_blocks = max(1, triton.cdiv(n, BLOCK))
-    part_c = torch.zeros(n_blocks, dtype=torch.float32, device=grad.device)
-    part_n = torch.zeros(n_blocks, dtype=torch.int32, device=grad.device)
+    alloc = torch.empty if n else torch.zeros  # every program writes its own partial
+    part_c = alloc(n_blocks, dtype=torch.float32, device=grad.device)
+    part_n = alloc(n_blocks, dtype=torch.int32, device=grad.device)
     if n:
         _consistency_kernel[(n_blocks,)](
             grad, ema_m, ema_v, keys, screen_threshold, part_c, part_n, n,

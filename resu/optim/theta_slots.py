@@ -28,6 +28,10 @@ from resu.tensors import mask as mask_ops
 _BITMAP = mask_ops.MaskEncoding.BITMAP
 
 
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return all(t.is_cuda and t.is_contiguous() for t in tensors)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrunedSlots:
     """θ held in the pruned slots of ``weight`` (a dense tensor), as described by a mask encoding."""
@@ -48,7 +52,7 @@ class PrunedSlots:
 
     def fused(self) -> bool:
         """True when the Triton bitmap kernel can step the weight in place."""
-        return self.weight.is_cuda and self.encoding is _BITMAP and self.weight.is_contiguous()
+        return self.encoding is _BITMAP and _use_triton(self.weight)
 
 
 ThetaTarget = Union[torch.Tensor, PrunedSlots]
@@ -95,7 +99,7 @@ def adamw_subset_(target: ThetaTarget, grad, exp_avg, exp_avg_sq, step: int, sub
     """AdamW on the θ slots ``subset`` (sitting at ``positions`` of the flattened target); states sized
     ``len(subset)``. Nothing else is written."""
     flat = target.weight.view(-1) if isinstance(target, PrunedSlots) else target
-    if flat.is_cuda and grad.is_cuda and flat.is_contiguous():
+    if _use_triton(flat, grad):
         from resu.compile.triton_selective import indexed_adamw_triton_
 
         indexed_adamw_triton_(flat, positions, grad, subset, exp_avg, exp_avg_sq, step, **hyper)
