@@ -291,6 +291,14 @@ def test_bad_selective_arguments():
         resu.ResuAdamW(params, amsgrad=True, selective=SelectionConfig())
     with pytest.raises(ValueError, match="amsgrad"):
         resu.ResuAdamW([{"params": params, "amsgrad": True}], selective=SelectionConfig())
+    tagged = model_in_mode("sparse")
+    resu.enter_resu_(tagged, selective=SelectionConfig())
+    opt = resu.ResuAdamW(tagged.parameters(), amsgrad=True)
+    tagged(torch.randn(4, 12)).sum().backward()
+    before = snapshot(tagged)
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.step()
+    assert_same_snapshot(before, snapshot(tagged))  # refused before any parameter moved
     model = model_in_mode("sparse")
     before = snapshot(model)
     with pytest.raises(ValueError, match="selective"):

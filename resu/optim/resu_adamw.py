@@ -196,6 +196,7 @@ class ResuAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._selection_stats.reset()
+        self._refuse_selective_amsgrad()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = dict(
@@ -233,9 +234,16 @@ class ResuAdamW(torch.optim.Optimizer):
             return PrunedSlots.of(p)
         raise NotImplementedError(f"ResuAdamW: no θ holder for mode {p.mode.value}")
 
+    def _refuse_selective_amsgrad(self) -> None:
+        """Weights tagged selective in an AMSGrad group: refuse before any parameter is stepped."""
+        for group in self.param_groups:
+            if group["amsgrad"] and any(self._selection_for(p, group) is not None for p in group["params"]):
+                raise ValueError(
+                    "ResuAdamW: selective updates (a weight tagged by resu.enter_resu_(..., selective=...)) do not "
+                    "support `amsgrad`; use amsgrad=False for that group"
+                )
+
     def _step_selective(self, p: ResuParameter, amsgrad: bool, config: SelectionConfig, hyper: dict) -> None:
-        if amsgrad:
-            raise ValueError("ResuAdamW: selective updates do not support `amsgrad`; use amsgrad=False")
         tag, n_states = state_layout(config, p.n_pruned)
         state = self._prepare_state(p, n_states, amsgrad, selection=tag)
         grad = p.grad
