@@ -17,6 +17,7 @@ from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
+from resu.core.selective import SelectionConfig
 from resu.optim.resu_adamw import ResuAdamW
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mask import SparseMask
@@ -30,6 +31,7 @@ __all__ = [
     "ResuAdamW",
     "ResuMode",
     "ResuParameter",
+    "SelectionConfig",
     "SparseMask",
     "densify_",
     "enter_qresu_",

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
 from resu.api.validation import check_nonnegative
+from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
 
 
@@ -17,7 +18,13 @@ def _active_std(p) -> float:
     return float(active.std()) if active.numel() > 1 else 0.0
 
 
-def enter_resu_(model: nn.Module, epsilon: float = 0.1, *, generator: Optional[torch.Generator] = None) -> nn.Module:
+def enter_resu_(
+    model: nn.Module,
+    epsilon: float = 0.1,
+    *,
+    generator: Optional[torch.Generator] = None,
+    selective: Optional[SelectionConfig] = None,
+) -> nn.Module:
     """Start a RESU phase: freeze active weights and give every pruned slot a trainable θ, in place.
 
     θ ~ N(0, (ε·σ_A)²) is written into the pruned slots, where σ_A is the standard deviation of that
@@ -28,15 +35,22 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, *, generator: Optional[t
         model: a pruned model (every ResuParameter in SPARSE mode, see :func:`resu.prune_`).
         epsilon: θ initialisation scale relative to σ_A, >= 0.
         generator: random generator for θ.
+        selective: a :class:`~resu.core.selective.SelectionConfig` to train θ with RESU-Selective: each
+            weight is tagged with it (``p._selective``, cleared by :func:`exit_resu_`) and
+            :class:`resu.ResuAdamW` applies it where its param group has ``selective=None``.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: a bad ``epsilon``, or a ResuParameter without a mask (DENSE mode: call
+        ValueError: a bad ``epsilon`` or ``selective``, or a ResuParameter without a mask (DENSE mode: call
             :func:`resu.prune_` first) or already in RESU mode. The model is left unchanged.
     """
     epsilon = check_nonnegative(epsilon, "epsilon", "enter_resu_")
+    if selective is not None and not isinstance(selective, SelectionConfig):
+        raise ValueError(
+            f"enter_resu_: `selective` must be a resu.core.selective.SelectionConfig or None, got {type(selective).__name__}"
+        )
     params = require_resu_parameters(model, "enter_resu_")
     for name, p in params:
         if p.mode is ResuMode.DENSE:
@@ -52,6 +66,7 @@ def enter_resu_(model: nn.Module, epsilon: float = 0.1, *, generator: Optional[t
         thetas.append(noise.to(p.device) * scale if scale else torch.zeros(p.n_pruned, device=p.device))
     for (_, p), theta in zip(params, thetas):
         p._enter_resu_(theta)
+        p._selective = selective
         p.grad = None
     return model
 
@@ -78,5 +93,6 @@ def exit_resu_(model: nn.Module, commit: bool = True) -> nn.Module:
         raise ValueError("exit_resu_: no weight of `model` is in RESU mode; call resu.enter_resu_(model) first")
     for p in in_resu:
         p._exit_resu_(commit)
+        p._selective = None
         p.grad = None
     return model

@@ -6,8 +6,17 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from resu.compile.masked_ops import masked_adamw_
 from resu.compile.adamw_math import adamw_update_
+from resu.compile.masked_ops import masked_adamw_
+from resu.core.selective import SelectionConfig
+from resu.optim.selective import (
+    INTEGER_KEYS,
+    SELECTIVE_KEYS,
+    SelectionStats,
+    selective_step_,
+    state_layout,
+)
+from resu.optim.theta_slots import PrunedSlots, ThetaTarget, adamw_all_
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -33,6 +42,13 @@ class ResuAdamW(torch.optim.Optimizer):
 
     ``foreach`` and ``fused`` are accepted for signature compatibility and currently ignored;
     ``capturable`` and ``differentiable`` are not supported.
+
+    ``selective`` (a :class:`~resu.core.selective.SelectionConfig`, default None) turns on RESU-Selective
+    for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
+    updated each step (see :mod:`resu.optim.selective`); other parameters are stepped as usual. A param
+    group may set its own ``selective``; a group with ``selective=None`` honours the config a weight was
+    tagged with by ``resu.enter_resu_(model, selective=...)``. Not combinable with ``amsgrad``.
+    :meth:`selection_stats` reports the last step's mean consistency and fraction of θ updated.
     """
 
     def __init__(
@@ -49,7 +65,9 @@ class ResuAdamW(torch.optim.Optimizer):
         capturable: bool = False,
         differentiable: bool = False,
         fused: Optional[bool] = None,
+        selective: Optional[SelectionConfig] = None,
     ) -> None:
+        _check_selective(selective, amsgrad)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("ResuAdamW: Tensor `lr` must be 1-element")
         if not 0.0 <= float(lr):
@@ -73,14 +91,62 @@ class ResuAdamW(torch.optim.Optimizer):
             capturable=False,
             differentiable=False,
             fused=fused,
+            selective=selective,
         )
+        self._selection_stats = SelectionStats()
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_selective(
+            param_group.get("selective", self.defaults["selective"]), param_group.get("amsgrad", self.defaults["amsgrad"])
+        )
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._selection_stats = SelectionStats()
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    # ------------------------------------------------------------------ selective: stats, state_dict
+    def selection_stats(self) -> dict:
+        """Statistics of RESU-Selective at the last :meth:`step` (one host sync).
+
+        Returns a dict with ``mean_consistency`` (mean C over the θ slots of weights using the
+        consistency strategy; 0.0 with static strategies or before any step), ``fraction_selected``
+        (θ slots updated / θ slots of all selective weights), ``n_selected`` and ``n_slots``.
+        """
+        return self._selection_stats.as_dict()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; a group's ``selective`` config is stored as a plain
+        dict, so the result loads with ``torch.load(..., weights_only=True)``."""
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            if isinstance(group.get("selective"), SelectionConfig):
+                group["selective"] = group["selective"].to_dict()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, restoring ``selective`` configs and keeping the
+        integer selection states (subset indices) integral and on their parameter's device."""
+        groups = []
+        for group in state_dict["param_groups"]:
+            if isinstance(group.get("selective"), dict):
+                group = {**group, "selective": SelectionConfig.from_dict(group["selective"])}
+            groups.append(group)
+        integral = {
+            pid: {k: v for k, v in s.items() if k in INTEGER_KEYS and isinstance(v, torch.Tensor)}
+            for pid, s in state_dict["state"].items()
+        }
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        saved_ids = [pid for g in groups for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in integral.get(pid, {}).items():
+                on_device = key in ("subset", "subset_positions")  # the others are host counters
+                self.state[p][key] = value.clone().to(p.device if on_device else value.device)
 
     # ------------------------------------------------------------------ state
     @staticmethod
@@ -90,8 +156,9 @@ class ResuAdamW(torch.optim.Optimizer):
             return None
         return p.n_pruned if p.mode.trains_theta else p.numel() - p.n_pruned
 
-    def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool) -> dict:
-        """The state of ``p``, (re)laid out for its current trainable slots."""
+    def _prepare_state(self, p: torch.Tensor, n: Optional[int], amsgrad: bool, selection: Optional[tuple] = None) -> dict:
+        """The state of ``p``, (re)laid out for its current trainable slots (``selection``: the
+        selective layout tag, see :func:`resu.optim.selective.state_layout`)."""
         state = self.state[p]
         layout = p._layout_id if isinstance(p, ResuParameter) else 0
         shape = p.shape if n is None else (n,)
@@ -100,17 +167,23 @@ class ResuAdamW(torch.optim.Optimizer):
             state["layout_id"] = layout
             for key in _STATE_KEYS[: 3 if amsgrad else 2]:
                 state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        elif state.get("layout_id") != layout:
-            if "layout_id" not in state and state["exp_avg"].shape == shape:
+        elif state.get("layout_id") != layout or _as_tuple(state.get("selection")) != selection:
+            if "layout_id" not in state and state["exp_avg"].shape == shape and selection is None:
                 # States without a layout (from torch.optim.AdamW, say) that fit: adopt them.
                 state["layout_id"] = layout
             else:
-                # New mask or mode: restart the states for the new slot set, in the old storage.
+                # New mask, mode or selection: restart the states for the new slot set, in the old storage.
                 state["step"].zero_()
                 state["layout_id"] = layout
                 for key in _STATE_KEYS:
                     if key in state:
                         state[key].resize_(shape).zero_()
+                for key in SELECTIVE_KEYS:
+                    state.pop(key, None)
+        if selection is None:
+            state.pop("selection", None)
+        else:
+            state["selection"] = selection
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
         return state
@@ -123,6 +196,8 @@ class ResuAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._selection_stats.reset()
+        self._refuse_selective_amsgrad()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = dict(
@@ -138,8 +213,43 @@ class ResuAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("ResuAdamW does not support sparse gradients")
-                self._step_param(p, group["amsgrad"], hyper)
+                selective = self._selection_for(p, group)
+                if selective is not None:
+                    self._step_selective(p, group["amsgrad"], selective, hyper)
+                else:
+                    self._step_param(p, group["amsgrad"], hyper)
         return loss
+
+    @staticmethod
+    def _selection_for(p: torch.Tensor, group: dict) -> Optional[SelectionConfig]:
+        """The selective config that applies to ``p``: its group's, else the weight's tag; None for
+        weights that do not train θ."""
+        if not isinstance(p, ResuParameter) or not p.mode.trains_theta:
+            return None
+        return group["selective"] if group["selective"] is not None else getattr(p, "_selective", None)
+
+    @staticmethod
+    def _theta_target(p: ResuParameter) -> ThetaTarget:
+        """Where the θ of ``p`` lives: a compact vector, or the pruned slots of its dense weight."""
+        if p.mode is ResuMode.RESU:
+            return PrunedSlots.of(p)
+        raise NotImplementedError(f"ResuAdamW: no θ holder for mode {p.mode.value}")
+
+    def _refuse_selective_amsgrad(self) -> None:
+        """Weights tagged selective in an AMSGrad group: refuse before any parameter is stepped."""
+        for group in self.param_groups:
+            if group["amsgrad"] and any(self._selection_for(p, group) is not None for p in group["params"]):
+                raise ValueError(
+                    "ResuAdamW: selective updates (a weight tagged by resu.enter_resu_(..., selective=...)) do not "
+                    "support `amsgrad`; use amsgrad=False for that group"
+                )
+
+    def _step_selective(self, p: ResuParameter, amsgrad: bool, config: SelectionConfig, hyper: dict) -> None:
+        tag, n_states = state_layout(config, p.n_pruned)
+        state = self._prepare_state(p, n_states, amsgrad, selection=tag)
+        grad = p.grad
+        values = grad.values if isinstance(grad, CompactGrad) else p._gather_pruned(grad)
+        selective_step_(self._theta_target(p), values, state, config, hyper, self._selection_stats)
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)
@@ -154,6 +264,15 @@ class ResuAdamW(torch.optim.Optimizer):
                 grad = grad.to_dense()
             adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
             return
+        if p.mode.trains_theta:
+            # A θ step is (θ holder, θ gradient, states); the holder knows whether it needs a compact grad.
+            target = self._theta_target(p)
+            if isinstance(grad, CompactGrad):
+                grad = grad.values
+            elif not isinstance(target, PrunedSlots):
+                grad = p._gather_pruned(grad)
+            adamw_all_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
+            return
         if isinstance(grad, CompactGrad):
             grad = grad.values
         if p.mode is ResuMode.QRESU:
@@ -164,5 +283,19 @@ class ResuAdamW(torch.optim.Optimizer):
             return
         masked_adamw_(
             p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
-            p._mask_storage, p._encoding.value, p.n_pruned, p.mode is ResuMode.RESU, step, **hyper,
+            p._mask_storage, p._encoding.value, p.n_pruned, False, step, **hyper,
         )
+
+
+def _check_selective(selective: Any, amsgrad: bool) -> None:
+    if selective is not None and not isinstance(selective, SelectionConfig):
+        raise ValueError(
+            f"ResuAdamW: `selective` must be a resu.core.selective.SelectionConfig or None, got {type(selective).__name__}"
+        )
+    if selective is not None and amsgrad:
+        raise ValueError("ResuAdamW: `selective` updates do not support `amsgrad`; use amsgrad=False")
+
+
+def _as_tuple(tag: Any) -> Optional[tuple]:
+    # torch.save/load may hand a saved tuple back as a list.
+    return tuple(tag) if isinstance(tag, (tuple, list)) else tag
