@@ -244,3 +244,31 @@ def test_writes_and_stock_optimizers_are_refused():
             p.mul_(2)
     with pytest.raises(RuntimeError, match="QRESU"):
         model[0].load_state_dict({"weight": torch.randn(40, 24), "bias": torch.randn(40)})
+
+
+@pytest.mark.parametrize("strategy", ["consistency", "magnitude"])
+def test_qresu_selective_updates_only_the_selected_theta(strategy):
+    from resu.core.selective import SelectionConfig
+
+    config = SelectionConfig(strategy=strategy, k_select_ratio=0.25, tau_stable=0.0)
+    model = _pruned_model(0.5)
+    resu.enter_qresu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(0), selective=config)
+    p = model[0].weight
+    assert p._selective is config
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-2)
+    theta0 = p._theta.clone()
+    model(torch.randn(16, 24)).pow(2).mean().backward()
+    opt.step()
+    changed = p._theta != theta0
+    k = max(1, round(0.25 * p.n_pruned))
+    assert int(changed.sum()) == k  # exactly the selected count; the rest bitwise unchanged
+    stats = opt.selection_stats()
+    assert stats["n_selected"] >= k and 0 < stats["fraction_selected"] <= 0.25 + 1e-6
+    resu.exit_qresu_(model)
+    assert getattr(p, "_selective", None) is None
+
+
+def test_enter_resu_refuses_a_qresu_model():
+    model, _ = _qresu_model()
+    with pytest.raises(ValueError, match="exit_qresu_"):
+        resu.enter_resu_(model)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
-from resu.api.theta_init import initial_theta
+from resu.api.theta_init import check_can_enter, check_selective, initial_theta
 from resu.api.validation import check_nonnegative
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
@@ -22,6 +22,7 @@ def enter_qresu_(
     epsilon: float = 0.1,
     *,
     generator: Optional[torch.Generator] = None,
+    selective=None,
 ) -> nn.Module:
     """Start a QRESU phase: quantize the frozen active weights, give the pruned slots a trainable θ, in place.
 
@@ -39,6 +40,8 @@ def enter_qresu_(
         group_size: columns per scale for ``"per_group"`` (a positive int; ignored otherwise).
         epsilon: θ initialisation scale relative to σ_A, >= 0.
         generator: random generator for θ.
+        selective: a :class:`~resu.core.selective.SelectionConfig` to train θ with RESU-Selective
+            (QRESU-Selective), exactly as for :func:`resu.enter_resu_`.
 
     Returns:
         ``model`` itself.
@@ -49,13 +52,9 @@ def enter_qresu_(
     """
     check_format(bits, scheme, group_size, "enter_qresu_")
     epsilon = check_nonnegative(epsilon, "epsilon", "enter_qresu_")
+    check_selective(selective, "enter_qresu_")
     params = require_resu_parameters(model, "enter_qresu_")
-    for name, p in params:
-        if p.mode is ResuMode.DENSE:
-            raise ValueError(f"enter_qresu_: `{name}` has no mask; call resu.prune_(model, sparsity) first")
-        if p.mode.trains_theta:
-            exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
-            raise ValueError(f"enter_qresu_: `{name}` is already in {p.mode.name} mode; call resu.{exit_fn}(model) first")
+    check_can_enter(params, "enter_qresu_")
     fmt = QuantFormat(bits, scheme, group_size)
     states = []
     with torch.no_grad():
@@ -66,6 +65,7 @@ def enter_qresu_(
             states.append(QuantizedState(qdata, scale, zero, theta, fmt))
     for (_, p), state in zip(params, states):
         p._enter_qresu_(state)
+        p._selective = selective
         p.grad = None
     return model
 
@@ -94,5 +94,6 @@ def exit_qresu_(model: nn.Module, commit: bool = True) -> nn.Module:
         raise ValueError("exit_qresu_: no weight of `model` is in QRESU mode; call resu.enter_qresu_(model) first")
     for p in in_qresu:
         p._exit_qresu_(commit)
+        p._selective = None
         p.grad = None
     return model

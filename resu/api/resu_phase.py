@@ -8,14 +8,10 @@ import torch
 import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
+from resu.api.theta_init import check_can_enter, check_selective, initial_theta
 from resu.api.validation import check_nonnegative
 from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
-
-
-def _active_std(p) -> float:
-    active = p._gather_active(p.effective_weight()).float()
-    return float(active.std()) if active.numel() > 1 else 0.0
 
 
 def enter_resu_(
@@ -44,26 +40,13 @@ def enter_resu_(
 
     Raises:
         ValueError: a bad ``epsilon`` or ``selective``, or a ResuParameter without a mask (DENSE mode: call
-            :func:`resu.prune_` first) or already in RESU mode. The model is left unchanged.
+            :func:`resu.prune_` first) or already in RESU/QRESU mode. The model is left unchanged.
     """
     epsilon = check_nonnegative(epsilon, "epsilon", "enter_resu_")
-    if selective is not None and not isinstance(selective, SelectionConfig):
-        raise ValueError(
-            f"enter_resu_: `selective` must be a resu.core.selective.SelectionConfig or None, got {type(selective).__name__}"
-        )
+    check_selective(selective, "enter_resu_")
     params = require_resu_parameters(model, "enter_resu_")
-    for name, p in params:
-        if p.mode is ResuMode.DENSE:
-            raise ValueError(f"enter_resu_: `{name}` has no mask; call resu.prune_(model, sparsity) first")
-        if p.mode is ResuMode.RESU:
-            raise ValueError(f"enter_resu_: `{name}` is already in RESU mode; call resu.exit_resu_(model) first")
-    thetas = []
-    for _, p in params:
-        device = "cpu" if generator is not None else p.device  # a generator lives on one device
-        noise = torch.randn(p.n_pruned, generator=generator, dtype=torch.float32, device=device)
-        scale = epsilon * _active_std(p)
-        # scale 0 gives exact +0.0 (noise * 0 would leave -0.0 in half the slots)
-        thetas.append(noise.to(p.device) * scale if scale else torch.zeros(p.n_pruned, device=p.device))
+    check_can_enter(params, "enter_resu_")
+    thetas = [initial_theta(p, epsilon, generator) for _, p in params]
     for (_, p), theta in zip(params, thetas):
         p._enter_resu_(theta)
         p._selective = selective

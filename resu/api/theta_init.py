@@ -1,4 +1,4 @@
-"""The initial resurrection values θ of a pruned weight: θ ~ N(0, (ε·σ_A)²)."""
+"""What entering a θ phase (RESU or QRESU) shares: the initial θ ~ N(0, (ε·σ_A)²) and the mode checks."""
 
 from __future__ import annotations
 
@@ -20,3 +20,25 @@ def initial_theta(p, epsilon: float, generator: Optional[torch.Generator]) -> to
     scale = epsilon * active_std(p)
     # scale 0 gives exact +0.0 (noise * 0 would leave -0.0 in half the slots)
     return noise.to(p.device) * scale if scale else torch.zeros(p.n_pruned, device=p.device)
+
+
+def check_selective(selective, caller: str) -> None:
+    """A ValueError unless ``selective`` is None or a :class:`~resu.core.selective.SelectionConfig`."""
+    from resu.core.selective import SelectionConfig
+
+    if selective is not None and not isinstance(selective, SelectionConfig):
+        raise ValueError(
+            f"{caller}: `selective` must be a resu.core.selective.SelectionConfig or None, got {type(selective).__name__}"
+        )
+
+
+def check_can_enter(params, caller: str) -> None:
+    """Every weight must be pruned (SPARSE mode) to start a θ phase; a ValueError naming the fix otherwise."""
+    from resu.tensors.mode import ResuMode
+
+    for name, p in params:
+        if p.mode is ResuMode.DENSE:
+            raise ValueError(f"{caller}: `{name}` has no mask; call resu.prune_(model, sparsity) first")
+        if p.mode.trains_theta:
+            exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
+            raise ValueError(f"{caller}: `{name}` is already in {p.mode.name} mode; call resu.{exit_fn}(model) first")

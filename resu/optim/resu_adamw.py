@@ -233,7 +233,7 @@ class ResuAdamW(torch.optim.Optimizer):
         """Where the θ of ``p`` lives: a compact vector, or the pruned slots of its dense weight."""
         if p.mode is ResuMode.RESU:
             return PrunedSlots.of(p)
-        raise NotImplementedError(f"ResuAdamW: no θ holder for mode {p.mode.value}")
+        return p._theta  # QRESU: θ is its own flat vector
 
     def _refuse_selective_amsgrad(self) -> None:
         """Weights tagged selective in an AMSGrad group: refuse before any parameter is stepped."""
@@ -275,12 +275,6 @@ class ResuAdamW(torch.optim.Optimizer):
             return
         if isinstance(grad, CompactGrad):
             grad = grad.values
-        if p.mode is ResuMode.QRESU:
-            # θ is its own flat vector; a dense gradient (another op used the weight) gives its θ part.
-            if grad.numel() != n:
-                grad = p._gather_pruned(grad)
-            adamw_update_(p._theta, grad.to(p._theta.dtype), state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
-            return
         masked_adamw_(
             p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
             p._mask_storage, p._encoding.value, p.n_pruned, False, step, **hyper,
