@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.compile.triton_bitmap import cached_block_offsets
+from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
 from resu.tensors import mask as mask_ops
 
 # Slots per program and warps per program: 16 slots per thread amortize the per-block work, and
@@ -66,22 +66,13 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
-def _popcount8(x):
-    """Set bits of each value in 0..255 (no popcount builtin that also runs in the interpreter)."""
-    x = x - ((x >> 1) & 0x55)
-    x = (x & 0x33) + ((x >> 2) & 0x33)
-    return (x + (x >> 4)) & 0x0F
-
-
-@triton.jit
 def _dequant_merge_kernel(
     q_ptr, scale_ptr, zero_ptr, theta_ptr, mask_ptr, offsets_ptr, out_ptr, numel, n_idx,
     COLS: tl.constexpr, GROUP_COLS: tl.constexpr, ROW_STRIDE: tl.constexpr,
     SCALE_MODE: tl.constexpr, BITS: tl.constexpr, ENCODING: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # A block of BLOCK slots as a (BLOCK // 8, 8) tile: one mask byte per tile row, so a bitmap's
-    # in-block ranks need a scan over BLOCK / 8 byte popcounts instead of BLOCK bits.
+    # A block of BLOCK slots as a (BLOCK // 8, 8) tile, laid out like tile_ranks' (one mask byte per row).
     pid = tl.program_id(0)
     byte_row = tl.arange(0, BLOCK // 8)
     bit = tl.arange(0, 8)
@@ -110,14 +101,7 @@ def _dequant_merge_kernel(
         z = tl.load(zero_ptr + sidx, mask=in_bounds, other=0.0)
     w = (code.to(tl.float32) - z) * s
     if ENCODING == 0:
-        byte_idx = pid * (BLOCK // 8) + byte_row
-        byte = tl.load(mask_ptr + byte_idx, mask=byte_idx * 8 < numel, other=0).to(tl.int32)
-        count = _popcount8(byte)
-        before_byte = tl.load(offsets_ptr + pid) + tl.cumsum(count, axis=0) - count
-        flag = (byte[:, None] >> bit[None, :]) & 1
-        pruned = (flag != 0) & in_bounds
-        # the 8 slots of a tile row sit in one thread: this scan is a few register adds
-        rank = before_byte[:, None] + tl.cumsum(flag, axis=1) - flag
+        _, pruned, rank = tile_ranks(mask_ptr, offsets_ptr, numel, True, BLOCK)
     else:
         below, listed = _count_below(mask_ptr, n_idx, offs, SEARCH_STEPS)
         if ENCODING == 1:
