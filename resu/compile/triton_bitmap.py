@@ -90,6 +90,14 @@ def _selected(bits_ptr, offs, numel, SELECT_PRUNED: tl.constexpr):
 
 
 @triton.jit
+def _popcount8(x):
+    """Set bits of each value in 0..255 (no popcount builtin that also runs in the interpreter)."""
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return (x + (x >> 4)) & 0x0F
+
+
+@triton.jit
 def tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK: tl.constexpr):
     """This program's ``BLOCK`` slots as a ``(BLOCK // 8, 8)`` tile: flat offsets, selected flags, compact ranks.
 
@@ -102,13 +110,14 @@ def tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK:
     offs = pid * BLOCK + byte_row[:, None] * 8 + bit[None, :]
     byte_idx = pid * (BLOCK // 8) + byte_row
     byte = tl.load(bits_ptr + byte_idx, mask=byte_idx * 8 < numel, other=0).to(tl.int32)
-    flag = (byte[:, None] >> bit[None, :]) & 1
     if not SELECT_PRUNED:
-        flag = 1 - flag
-    flag = tl.where(offs < numel, flag, 0)
-    count = tl.sum(flag, axis=1)
+        byte = ~byte & 0xFF
+    # Bits past ``numel`` only count toward ranks of slots past ``numel`` (never stored).
+    count = _popcount8(byte)
     before = tl.load(offsets_ptr + pid) + tl.cumsum(count, axis=0) - count
+    flag = (byte[:, None] >> bit[None, :]) & 1
     rank = before[:, None] + tl.cumsum(flag, axis=1) - flag
+    flag = tl.where(offs < numel, flag, 0)
     return offs, flag != 0, rank
 
 
