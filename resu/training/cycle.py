@@ -112,7 +112,7 @@ class RESUCycle:
     def _calibration_forward(self, model: nn.Module, batch: Any) -> Any:
         return self.train_fn(model, batch)
 
-    def _initial_prune(self, stream: BatchStream) -> None:
+    def _initial_prune(self) -> None:
         from resu.api.params import resu_parameters
         from resu.tensors.mode import ResuMode
 
@@ -149,7 +149,7 @@ class RESUCycle:
         start = time.perf_counter()
         train_steps, stabilize_rounds, resu_steps = cfg.phase_steps()
         target = cfg.sparsity_at(self.cycle_num)
-        self._initial_prune(stream)
+        self._initial_prune()
 
         recent: deque = deque(maxlen=cfg.calib_batches)
         train_loss = self._train_phase(stream, train_steps, recent)
