@@ -13,12 +13,15 @@
     resu.exit_resu_(model, commit=True)
 """
 
+from resu.api.commit import CommitStats, commit_
 from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
+from resu.api.stabilize import StabilizeStats, capture_reference, stabilize_
 from resu.core.selective import SelectionConfig
 from resu.optim.resu_adamw import ResuAdamW
+from resu.plotting import plot_cycles
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
@@ -27,17 +30,23 @@ from resu.tensors.resu_parameter import ResuParameter
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommitStats",
     "CompactGrad",
     "ResuAdamW",
     "ResuMode",
     "ResuParameter",
     "SelectionConfig",
     "SparseMask",
+    "StabilizeStats",
+    "capture_reference",
+    "commit_",
     "densify_",
     "enter_qresu_",
     "enter_resu_",
     "exit_qresu_",
     "exit_resu_",
+    "plot_cycles",
     "prune_",
     "sparsify_",
+    "stabilize_",
 ]

@@ -1,28 +1,29 @@
-"""End-to-end RESU demo: dense training, pruning, resurrection, commit — on scikit-learn's digits.
+"""RESU demo on scikit-learn's digits: RESU training cycles against one-shot pruning + fine-tuning.
 
 Run it with ``python -m resu.demo`` (needs the demo extras: ``pip install -e '.[demo]'``).
 
-An MLP 64 → 128 → 64 → 10 (ReLU) is trained on the bundled 8×8 digits data set (no download), then:
+An MLP 64 → 128 → 64 → 10 (ReLU) is trained densely on the bundled 8×8 digits data set (no
+download). Then, for every target sparsity (70% and 90% by default) and every seed, two runs start
+from that same dense model and get the same budget of steps:
 
-1. **dense** — :func:`resu.sparsify_` turns the Linear weights into DENSE ResuParameters, trained with
-   :class:`resu.ResuAdamW`;
-2. **pruned** — :func:`resu.prune_` removes ``--sparsity`` of every weight (row scope), with no
-   fine-tuning afterwards;
-3. **after RESU** — :func:`resu.enter_resu_` puts a small trainable θ in every pruned slot while the
-   active weights stay frozen; only θ is trained (biases are left out of that optimizer too), and the
-   accuracy is measured with θ in place;
-4. **after commit** — :func:`resu.exit_resu_` with ``commit=True`` keeps θ, then a magnitude re-prune
-   back to ``--sparsity`` decides which slots stay: a θ that grew larger than an old active weight of
-   its row takes that weight's place. "θ slots kept" counts the slots that were pruned before RESU
-   and are active after the commit.
+- **one-shot + fine-tune**: :func:`resu.prune_` by magnitude to the target at once, then plain
+  fine-tuning of the active weights with :class:`resu.ResuAdamW`;
+- **RESU cycles**: :class:`resu.training.RESUTrainer` on three quarters of the budget — the first
+  cycle trains, prunes to the target (Wanda) and refines the mask without training (DSNoT); every
+  cycle trains θ in the pruned slots while active weights stay frozen (RESU) and commits with the
+  amnesty tournament, and the next cycle trains the committed mask. The last quarter fine-tunes
+  after the last commit. DSNoT rounds count against the budget although they train nothing.
 
-The "sparsity" column is what the forward sees, weighted by parameter count over the Linear weights:
-in RESU mode the mask still prunes the same slots, but they hold θ, so the forward is dense.
+The table gives the test accuracy (mean ± std over the seeds) at the final sparsity, and how many
+weights the commits resurrected. A PNG of the RESU cycles of the first seed at the highest sparsity
+is saved (``--plot``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
 from typing import Optional, Sequence
@@ -32,55 +33,57 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resu
-from resu.tensors.mode import ResuMode
-from resu.tensors.resu_parameter import ResuParameter
+from resu.training.config import RESUConfig
+from resu.training.cycle import RESUTrainer
 
 _INSTALL_HINT = "the demo needs scikit-learn and tqdm; install them with: pip install -e '.[demo]'"
 
 # Settings of a full run and of --quick (for tests).
-DENSE_EPOCHS, RESU_EPOCHS = 20, 8
-QUICK_DENSE_EPOCHS, QUICK_RESU_EPOCHS = 6, 3
+DENSE_STEPS, BUDGET_STEPS, CYCLES = 300, 400, 3
+CYCLE_SHARE = 0.75  # of the budget for the RESU cycles; the rest fine-tunes after the last commit
+QUICK_DENSE_STEPS, QUICK_BUDGET_STEPS, QUICK_CYCLES = 60, 60, 2
 BATCH_SIZE = 64
-DENSE_LR, RESU_LR = 3e-3, 3e-3
+LR, RESU_LR = 3e-3, 3e-3
 WEIGHT_DECAY = 1e-2
-EPSILON = 0.05
-CALIB_BATCHES = 4
+EPSILON = 0.1
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
+DEFAULT_PLOT = "resu_demo_cycles.png"
 
 
 def _require_demo_deps():
-    """``(load_digits, train_test_split, StandardScaler, tqdm)``, or an ImportError saying what to install."""
+    """``(load_digits, train_test_split, StandardScaler)``, or an ImportError saying what to install."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         from sklearn.preprocessing import StandardScaler
-        from tqdm.auto import tqdm
+        import tqdm  # noqa: F401  (progress bars of the training phases)
     except ImportError as exc:
         raise ImportError(f"resu.demo: {_INSTALL_HINT} ({exc})") from exc
-    return load_digits, train_test_split, StandardScaler, tqdm
+    return load_digits, train_test_split, StandardScaler
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m resu.demo",
-        description="Dense training, pruning, RESU and commit of a small MLP on scikit-learn's digits.",
+        description="RESU training cycles vs one-shot magnitude pruning + fine-tuning of an MLP on scikit-learn's digits.",
     )
-    parser.add_argument("--sparsity", type=float, default=0.7, help="fraction of every Linear weight to prune (default 0.7)")
-    parser.add_argument("--epochs", type=int, default=None, help=f"dense training epochs (default {DENSE_EPOCHS}, {QUICK_DENSE_EPOCHS} with --quick)")
-    parser.add_argument("--resu-epochs", type=int, default=None, help=f"RESU epochs (default {RESU_EPOCHS}, {QUICK_RESU_EPOCHS} with --quick)")
-    parser.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude", help="pruning criterion (default magnitude)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and θ (default 0)")
-    parser.add_argument("--quick", action="store_true", help="tiny epoch counts, for tests and smoke runs")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.7, 0.9], help="target sparsities (default 0.7 0.9)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    parser.add_argument("--dense-steps", type=int, default=None, help=f"dense training steps (default {DENSE_STEPS}, {QUICK_DENSE_STEPS} with --quick)")
+    parser.add_argument("--budget", type=int, default=None, help=f"steps after dense training, for both methods (default {BUDGET_STEPS}, {QUICK_BUDGET_STEPS} with --quick)")
+    parser.add_argument("--cycles", type=int, default=None, help=f"RESU cycles within the budget (default {CYCLES}, {QUICK_CYCLES} with --quick)")
+    parser.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG of the RESU cycles (default {DEFAULT_PLOT}; '' for none)")
+    parser.add_argument("--quick", action="store_true", help="tiny step counts, for tests and smoke runs")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.sparsity < 1.0:
-        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    if args.epochs is None:
-        args.epochs = QUICK_DENSE_EPOCHS if args.quick else DENSE_EPOCHS
-    if args.resu_epochs is None:
-        args.resu_epochs = QUICK_RESU_EPOCHS if args.quick else RESU_EPOCHS
-    if args.epochs < 0 or args.resu_epochs < 0:
-        parser.error("--epochs and --resu-epochs must be >= 0")
+    for s in args.sparsity:
+        if not 0.0 < s < 1.0:
+            parser.error(f"--sparsity values must be in (0, 1), got {s}")
+    args.dense_steps = args.dense_steps if args.dense_steps is not None else (QUICK_DENSE_STEPS if args.quick else DENSE_STEPS)
+    args.budget = args.budget if args.budget is not None else (QUICK_BUDGET_STEPS if args.quick else BUDGET_STEPS)
+    args.cycles = args.cycles if args.cycles is not None else (QUICK_CYCLES if args.quick else CYCLES)
+    if args.seeds < 1 or args.cycles < 1 or args.dense_steps < 0 or args.budget < args.cycles:
+        parser.error("--seeds and --cycles must be >= 1, --dense-steps >= 0, and --budget >= --cycles")
     return args
 
 
@@ -98,22 +101,37 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _weights(model: nn.Module) -> list[ResuParameter]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+class _ShuffledBatches:
+    """Mini-batches of a fixed data set, reshuffled every pass with the global torch RNG."""
 
+    def __init__(self, x, y):
+        self.x, self.y = x, y
 
-def _train(model, opt, x, y, epochs: int, gen: torch.Generator, bar) -> None:
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), BATCH_SIZE):
+    def __iter__(self):
+        order = torch.randperm(len(self.x))
+        for start in range(0, len(self.x), BATCH_SIZE):
             idx = order[start : start + BATCH_SIZE]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.update(1)
+            yield self.x[idx], self.y[idx]
+
+
+def train_step(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _train(model, opt, batches, steps: int) -> None:
+    model.train()
+    it = iter(batches)
+    for _ in range(steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(batches)
+            batch = next(it)
+        loss = train_step(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 @torch.no_grad()
@@ -123,76 +141,110 @@ def _accuracy(model, x, y) -> float:
 
 
 def _sparsity(model) -> float:
-    """Fraction of Linear weight entries the forward does not use (pruned and not holding θ)."""
-    weights = _weights(model)
-    unused = sum(p.n_pruned for p in weights if p.mode is ResuMode.SPARSE)
-    return unused / sum(p.numel() for p in weights)
+    weights = [p for p in model.parameters() if isinstance(p, resu.ResuParameter)]
+    return sum(p.n_pruned for p in weights) / sum(p.numel() for p in weights)
+
+
+def _one_shot(dense, sparsity, batches, steps, x_te, y_te) -> dict:
+    model = copy.deepcopy(dense)
+    resu.prune_(model, sparsity, method="magnitude")
+    _train(model, resu.ResuAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY), batches, steps)
+    return {"accuracy": _accuracy(model, x_te, y_te), "sparsity": _sparsity(model), "resurrected": 0}
+
+
+def _cycle_steps(args) -> int:
+    return max(1, int(args.budget * CYCLE_SHARE) // args.cycles)
+
+
+def _resu_cycles(dense, sparsity, batches, args, seed, x_te, y_te, show_bars) -> tuple[dict, list]:
+    model = copy.deepcopy(dense)
+    config = RESUConfig(
+        target_sparsity=sparsity,
+        num_cycles=args.cycles,
+        sparsity_schedule="constant",
+        steps_per_cycle=_cycle_steps(args),
+        pruning_method="wanda",
+        resu_lr=RESU_LR,
+        resu_epsilon=EPSILON,
+        weight_decay=WEIGHT_DECAY,
+        seed=seed,
+        progress_bar=show_bars,
+    )
+    opt = resu.ResuAdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    trainer = RESUTrainer(model, config, opt, train_step, eval_fn=lambda m: {"accuracy": _accuracy(m, x_te, y_te)})
+    stats = trainer.train(batches)
+    # The last cycle ends with a commit; the rest of the budget fine-tunes the committed mask.
+    _train(model, opt, batches, args.budget - args.cycles * _cycle_steps(args))
+    summary = trainer.get_training_summary()
+    result = {"accuracy": _accuracy(model, x_te, y_te), "sparsity": _sparsity(model), "resurrected": summary["total_resurrected"]}
+    return result, stats
+
+
+def _mean_std(values) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
 def _format_table(rows) -> str:
-    header = ("phase", "test accuracy", "sparsity", "θ slots kept")
-    cells = [header] + [(name, f"{acc:.4f}", f"{sp:.2f}", "-" if kept is None else str(kept)) for name, acc, sp, kept in rows]
+    header = ("target", "method", "test accuracy", "final sparsity", "resurrected")
+    cells = [header] + rows
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    lines = [fmt(cells[0]), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]]
-    return "\n".join(lines)
+    fmt = lambda r: " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(cells[0]), "-+-".join("-" * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[tuple[str, float, float, Optional[int]]]:
-    """Run the demo and print its table; returns the rows ``(phase, accuracy, sparsity, θ slots kept)``."""
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the demo, print its table and save the plot.
+
+    Returns ``{"dense": [accuracy per seed], (sparsity, method): [result dict per seed], "plot": path or None}``
+    with method ``"one-shot"`` or ``"resu"``.
+    """
     args = _parse_args(argv)
-    load_digits, train_test_split, StandardScaler, tqdm = _require_demo_deps()
+    load_digits, train_test_split, StandardScaler = _require_demo_deps()
     t0 = time.perf_counter()
-    show_bars = sys.stdout.isatty()
-
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    show_bars = sys.stderr.isatty()
     x_tr, y_tr, x_te, y_te = _load_data(load_digits, train_test_split, StandardScaler)
-    model = _mlp()
-    rows = []
-    pct = f"{args.sparsity:.0%}"
+    batches = _ShuffledBatches(x_tr, y_tr)
+    results: dict = {"dense": []}
+    plot_stats = None
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = resu.sparsify_(_mlp())
+        _train(dense, resu.ResuAdamW(dense.parameters(), lr=LR, weight_decay=WEIGHT_DECAY), batches, args.dense_steps)
+        results["dense"].append(_accuracy(dense, x_te, y_te))
+        for sparsity in args.sparsity:
+            torch.manual_seed(1000 + seed)
+            results.setdefault((sparsity, "one-shot"), []).append(_one_shot(dense, sparsity, batches, args.budget, x_te, y_te))
+            torch.manual_seed(1000 + seed)
+            outcome, stats = _resu_cycles(dense, sparsity, batches, args, seed, x_te, y_te, show_bars)
+            results.setdefault((sparsity, "resu"), []).append(outcome)
+            if seed == 0 and sparsity == max(args.sparsity):
+                plot_stats = stats
 
-    # 1. dense training, the weights already being ResuParameters in DENSE mode
-    resu.sparsify_(model)
-    opt = resu.ResuAdamW(model.parameters(), lr=DENSE_LR, weight_decay=WEIGHT_DECAY)
-    with tqdm(total=args.epochs, desc="dense", unit="epoch", disable=not show_bars, leave=False) as bar:
-        _train(model, opt, x_tr, y_tr, args.epochs, gen, bar)
-    rows.append(("dense", _accuracy(model, x_te, y_te), _sparsity(model), None))
+    rows = [("0%", "dense", _mean_std(results["dense"]), "0.00", "-")]
+    labels = {"one-shot": "one-shot + fine-tune", "resu": "RESU cycles"}
+    for sparsity in args.sparsity:
+        for method in ("one-shot", "resu"):
+            runs = results[(sparsity, method)]
+            resurrected = "-" if method == "one-shot" else f"{statistics.fmean(r['resurrected'] for r in runs):.0f}"
+            rows.append((f"{sparsity:.0%}", labels[method], _mean_std([r["accuracy"] for r in runs]),
+                         f"{statistics.fmean(r['sparsity'] for r in runs):.2f}", resurrected))
+    results["plot"] = None
+    if args.plot:
+        resu.plot_cycles(plot_stats, args.plot, title=f"RESU cycles to {max(args.sparsity):.0%} sparsity (seed 0)")
+        results["plot"] = args.plot
 
-    # 2. one-shot pruning, no fine-tuning
-    calib = None
-    if args.method == "wanda":
-        calib = [x_tr[i * BATCH_SIZE : (i + 1) * BATCH_SIZE] for i in range(CALIB_BATCHES)]
-    resu.prune_(model, args.sparsity, method=args.method, scope="row", calib=calib)
-    rows.append((f"pruned {pct} ({args.method})", _accuracy(model, x_te, y_te), _sparsity(model), None))
-    pruned_before = [~p.active_mask for p in _weights(model)]
-
-    # 3. RESU: θ in the pruned slots is the only thing trained
-    resu.enter_resu_(model, epsilon=EPSILON, generator=gen)
-    resu_opt = resu.ResuAdamW(_weights(model), lr=RESU_LR, weight_decay=WEIGHT_DECAY)
-    with tqdm(total=args.resu_epochs, desc="RESU", unit="epoch", disable=not show_bars, leave=False) as bar:
-        _train(model, resu_opt, x_tr, y_tr, args.resu_epochs, gen, bar)
-    rows.append(("after RESU (θ trained)", _accuracy(model, x_te, y_te), _sparsity(model), None))
-
-    # 4. commit θ, then re-prune by magnitude so the largest of old weights and θ stay active
-    resu.exit_resu_(model, commit=True)
-    resu.prune_(model, args.sparsity, method="magnitude", scope="row")
-    kept = sum(int((before & p.active_mask).sum()) for before, p in zip(pruned_before, _weights(model)))
-    rows.append((f"after commit (re-pruned to {pct})", _accuracy(model, x_te, y_te), _sparsity(model), kept))
-
-    elapsed = time.perf_counter() - t0
-    n_weights = sum(p.numel() for p in _weights(model))
     print(
-        f"MLP 64-128-64-10 on digits ({len(x_tr)} train / {len(x_te)} test), {args.epochs} dense + "
-        f"{args.resu_epochs} RESU epochs, seed {args.seed}, {n_weights} Linear weights"
+        f"MLP 64-128-64-10 on digits ({len(x_tr)} train / {len(x_te)} test), {args.seeds} seeds; "
+        f"{args.dense_steps} dense steps, then {args.budget} steps per method "
+        f"(RESU: {args.cycles} cycles of {_cycle_steps(args)}, then {args.budget - args.cycles * _cycle_steps(args)} fine-tuning)"
     )
     print(_format_table(rows))
-    print(
-        f"sparsity: Linear weight entries the forward leaves out; after RESU the {pct} pruned slots hold θ "
-        "(the mask is unchanged)"
-    )
-    print(f"total time: {elapsed:.1f} s")
-    return rows
+    print("test accuracy: mean ± std over the seeds; resurrected: weights the amnesty commits brought back (mean)")
+    if results["plot"]:
+        print(f"plot of the RESU cycles: {results['plot']}")
+    print(f"total time: {time.perf_counter() - t0:.1f} s")
+    return results
 
 
 if __name__ == "__main__":

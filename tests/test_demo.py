@@ -1,4 +1,4 @@
-"""The digits demo (``python -m resu.demo``) runs end to end and prints a sensible table."""
+"""The digits demo (``python -m resu.demo``) runs end to end, prints its comparison table and saves the plot."""
 
 import math
 import sys
@@ -7,53 +7,58 @@ import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
 
 from resu import demo  # noqa: E402
 
-PHASES = ("dense", "pruned 70%", "after RESU", "after commit")
+METHODS = ("one-shot + fine-tune", "RESU cycles")
 
 
 def _table_rows(out: str) -> list[list[str]]:
     """The data rows of the printed table, as lists of stripped cells."""
     lines = [line for line in out.splitlines() if " | " in line]
     assert lines, f"no table in the output:\n{out}"
-    assert lines[0].split(" | ")[0].strip() == "phase"
+    assert lines[0].split(" | ")[0].strip() == "target"
     return [[cell.strip() for cell in line.split(" | ")] for line in lines[1:]]
 
 
-def test_quick_run_prints_the_four_phases(capsys):
-    returned = demo.main(["--quick"])
+def _mean_std(cell: str) -> tuple[float, float]:
+    mean, std = cell.split(" ± ")
+    return float(mean), float(std)
+
+
+def test_quick_run_compares_both_methods_at_both_sparsities(capsys, tmp_path):
+    plot = tmp_path / "cycles.png"
+    returned = demo.main(["--quick", "--plot", str(plot)])
     out = capsys.readouterr().out
     rows = _table_rows(out)
 
-    assert len(rows) == len(PHASES), out
-    for row, phase in zip(rows, PHASES):
-        assert len(row) == 4, row
-        assert row[0].startswith(phase), (row, phase)
+    assert [r[0] for r in rows] == ["0%", "70%", "70%", "90%", "90%"], out
+    assert rows[0][1] == "dense" and [r[1] for r in rows[1:]] == list(METHODS) * 2
+    for row in rows:
+        mean, std = _mean_std(row[2])
+        assert 0.0 <= mean <= 1.0 and math.isfinite(std) and std >= 0
+    assert _mean_std(rows[0][2])[0] > 0.5, "dense accuracy too low"
+    assert [r[3] for r in rows] == ["0.00", "0.70", "0.70", "0.90", "0.90"]
+    assert rows[1][4] == rows[3][4] == "-" and int(rows[2][4]) > 0 and int(rows[4][4]) > 0
 
-    accuracies = [float(row[1]) for row in rows]
-    for acc in accuracies:
-        assert math.isfinite(acc) and 0.0 <= acc <= 1.0, accuracies
-    assert accuracies[0] > 0.5, f"dense accuracy too low: {accuracies[0]}"
-
-    sparsities = [row[2] for row in rows]
-    assert sparsities[0] == "0.00"
-    assert sparsities[1] == "0.70" and sparsities[3] == "0.70", sparsities
-
-    assert rows[0][3] == rows[1][3] == rows[2][3] == "-"
-    assert int(rows[3][3]) >= 0
+    # three seeds behind every mean, and the returned numbers are the printed ones
+    assert len(returned["dense"]) == 3
+    for target, row in ((0.7, rows[2]), (0.9, rows[4])):
+        runs = returned[(target, "resu")]
+        assert len(runs) == 3
+        assert f"{sum(r['accuracy'] for r in runs) / 3:.4f}" == row[2].split(" ± ")[0]
+    assert returned["plot"] == str(plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "total time:" in out
-
-    # The returned rows are the printed ones.
-    assert [round(acc, 4) for _, acc, _, _ in returned] == accuracies
-    assert returned[3][3] == int(rows[3][3])
 
 
 def test_quick_run_is_deterministic(capsys):
-    first = demo.main(["--quick", "--epochs", "2", "--resu-epochs", "1", "--seed", "3"])
-    second = demo.main(["--quick", "--epochs", "2", "--resu-epochs", "1", "--seed", "3"])
+    argv = ["--quick", "--seeds", "1", "--sparsity", "0.8", "--plot", "", "--budget", "20", "--dense-steps", "10"]
+    first = demo.main(argv)
+    second = demo.main(argv)
     capsys.readouterr()
-    assert first == second
+    assert first == second and first["plot"] is None
 
 
 def test_missing_demo_dependency_says_what_to_install(monkeypatch):
@@ -62,7 +67,8 @@ def test_missing_demo_dependency_says_what_to_install(monkeypatch):
         demo.main(["--quick"])
 
 
-def test_bad_sparsity_is_rejected(capsys):
+@pytest.mark.parametrize("argv, flag", [(["--sparsity", "1.5"], "--sparsity"), (["--seeds", "0"], "--seeds")])
+def test_bad_arguments_are_rejected(capsys, argv, flag):
     with pytest.raises(SystemExit):
-        demo.main(["--sparsity", "1.5"])
-    assert "--sparsity" in capsys.readouterr().err
+        demo.main(argv)
+    assert flag in capsys.readouterr().err

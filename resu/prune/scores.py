@@ -19,3 +19,10 @@ def wanda_scores(weight: torch.Tensor, activation_norms: torch.Tensor) -> torch.
             f"got {tuple(activation_norms.shape)}"
         )
     return weight.detach().abs().float() * activation_norms.to(weight.device, torch.float32)
+
+
+def gradient_scores(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """First-order saliency |W| · |∇W|: how much the loss moves if a slot is set to zero."""
+    if grad.shape != weight.shape:
+        raise ValueError(f"grad must have the weight's shape {tuple(weight.shape)}, got {tuple(grad.shape)}")
+    return weight.detach().abs().float() * grad.detach().abs().to(weight.device, torch.float32)
