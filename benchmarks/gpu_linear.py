@@ -140,6 +140,7 @@ def dequant_bandwidth(in_f: int, out_f: int, sparsity: float, scheme: str, iters
 
 def measure(kind, in_f, out_f, tokens, sparsity, compiled, iters, profile=False, kernels_only=False, scheme="per_channel"):
     torch.cuda.empty_cache()  # the previous configuration's tensors are gone by now
+    torch._dynamo.reset()  # every configuration compiles nn.Linear.forward afresh (no recompile limit)
     layer, opt = build(kind, in_f, out_f, sparsity, scheme)
     fwd_module = torch.compile(layer, fullgraph=True) if compiled else layer
     xs = [torch.randn(tokens, in_f, device="cuda", requires_grad=True) for _ in range(3)]
