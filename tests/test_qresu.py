@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import resu
 from resu.tensors.compact_grad import CompactGrad
@@ -272,3 +274,35 @@ def test_enter_resu_refuses_a_qresu_model():
     model, _ = _qresu_model()
     with pytest.raises(ValueError, match="exit_qresu_"):
         resu.enter_resu_(model)
+
+
+@given(
+    in_f=st.integers(1, 40),
+    out_f=st.integers(1, 24),
+    sparsity=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0, allow_nan=False)),
+    fmt=st.sampled_from(FORMATS + [(8, "per_channel", 128), (4, "per_group", 3)]),
+    seed=st.integers(0, 1000),
+)
+def test_property_enter_train_save_exit(in_f, out_f, sparsity, fmt, seed):
+    """Random shapes, sparsities (both ends) and formats: bounded error, frozen codes, exact checkpoints."""
+    torch.manual_seed(seed)
+    layer = resu.prune_(resu.sparsify_(nn.Linear(in_f, out_f)), sparsity, scope="global")
+    before = layer.weight.effective_weight().clone()
+    resu.enter_qresu_(layer, *fmt, epsilon=0.5, generator=torch.Generator().manual_seed(seed))
+    p = layer.weight
+    active = p.active_mask
+    scale = p._qscale.reshape(-1)[scale_index(out_f, in_f, p.quant_format, "cpu")].view(p.shape)
+    assert ((p.effective_weight() - before).abs()[active] <= scale[active] / 2 * (1 + 1e-5) + 1e-7).all()
+    codes = p._qdata.clone()
+    opt = resu.ResuAdamW(layer.parameters(), lr=1e-2)
+    layer(torch.randn(3, in_f)).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(p._qdata, codes)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = resu.sparsify_(nn.Linear(in_f, out_f))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh.weight.effective_weight(), p.effective_weight())
+    resu.exit_qresu_(layer, commit=False)
+    assert p.mode is resu.ResuMode.SPARSE and torch.equal(p.active_mask, active)
