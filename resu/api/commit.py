@@ -123,7 +123,7 @@ def commit_(
     if strategy != "simple" and scoring == "wanda":
         # θ sits in the forward already, so activations now are those of the merged model; taking
         # them before merging means a calibration error leaves the model unchanged.
-        norms = activation_norms(model, {id(p): p for _, p in in_theta}, calib, forward_fn)
+        norms = activation_norms(model, {id(p): p for _, p in in_theta}, calib, forward_fn, caller="commit_")
     was_pruned = {name: p._pruned_bool().view(p.shape).clone() for name, p in in_theta}
     _merge_theta_(model, [p for _, p in in_theta])
     return select_after_merge_(
@@ -224,7 +224,7 @@ def _scores(model, params, score_type, calib, loss_fn, forward_fn, norms=None) -
         return {id(p): magnitude_scores(p.effective_weight()) for p in params}
     if score_type == "wanda":
         if norms is None:
-            norms = activation_norms(model, {id(p): p for p in params}, calib, forward_fn)
+            norms = activation_norms(model, {id(p): p for p in params}, calib, forward_fn, caller="commit_")
         return {id(p): wanda_scores(p.effective_weight(), norms[id(p)]) for p in params}
     grads = _accumulated_grads(model, params, calib, loss_fn)
     return {id(p): gradient_scores(p.effective_weight(), grads[id(p)]) for p in params}

@@ -23,26 +23,30 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 @torch.no_grad()
-def activation_norms(
+def accumulate_linear_inputs(
     model: nn.Module,
     params: dict[int, torch.Tensor],
     calib: Iterable[Any],
-    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]],
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+    caller: str,
 ) -> dict[int, torch.Tensor]:
-    """L2 norm of every input feature of the Linear layers whose weight is in ``params`` (keyed by ``id``).
+    """Sum of ``statistic(x)`` over the calibration inputs ``x`` (2-D fp32: tokens × features) of every
+    Linear layer whose weight is in ``params`` (keyed by ``id``).
 
     A weight used by several Linear modules accumulates the inputs of all of them. The model runs in
-    eval mode for the calibration pass and gets its training flags back after.
+    eval mode for the calibration pass and gets its training flags back after. Raises a ValueError
+    (prefixed by ``caller``) when ``calib`` is empty or a weight saw no input.
     """
     forward_fn = forward_fn or default_forward
-    sumsq: dict[int, torch.Tensor] = {}
+    totals: dict[int, torch.Tensor] = {}
     handles = []
 
     def make_hook(pid: int):
         def hook(module, inputs, output):
             x = inputs[0].detach()
-            s = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-            sumsq[pid] = sumsq[pid] + s if pid in sumsq else s
+            value = statistic(x.reshape(-1, x.shape[-1]).float())
+            totals[pid] = totals[pid] + value if pid in totals else value
 
         return hook
 
@@ -62,11 +66,24 @@ def activation_norms(
         for m, flag in training.items():
             m.training = flag
     if n_batches == 0:
-        raise ValueError("prune_: `calib` yielded no batches; Wanda needs at least one calibration batch")
-    missing = [pid for pid in params if pid not in sumsq]
+        raise ValueError(f"{caller}: `calib` yielded no batches; pass at least one calibration batch")
+    missing = [pid for pid in params if pid not in totals]
     if missing:
         raise ValueError(
-            f"prune_: {len(missing)} sparsified weight(s) saw no input during calibration; make sure the "
+            f"{caller}: {len(missing)} sparsified weight(s) saw no input during calibration; make sure the "
             "calibration batches run every sparsified Linear layer"
         )
+    return totals
+
+
+def activation_norms(
+    model: nn.Module,
+    params: dict[int, torch.Tensor],
+    calib: Iterable[Any],
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    caller: str = "prune_",
+) -> dict[int, torch.Tensor]:
+    """L2 norm of every input feature of the Linear layers whose weight is in ``params`` (keyed by ``id``),
+    over the ``calib`` batches (see :func:`accumulate_linear_inputs`)."""
+    sumsq = accumulate_linear_inputs(model, params, calib, forward_fn, lambda x: x.pow(2).sum(0), caller)
     return {pid: s.sqrt() for pid, s in sumsq.items()}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from resu.prune.calibration import default_forward
+from resu.prune.calibration import accumulate_linear_inputs
 
 _RELATIVE_TOLERANCE = 1e-6
 
@@ -36,7 +36,6 @@ class RefineResult:
     error_after: float
 
 
-@torch.no_grad()
 def input_gram_matrices(
     model: nn.Module,
     params: dict[int, torch.Tensor],
@@ -49,43 +48,7 @@ def input_gram_matrices(
     :func:`resu.prune.calibration.default_forward`); the model runs in eval mode and gets its training
     flags back after.
     """
-    forward_fn = forward_fn or default_forward
-    grams: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def make_hook(pid: int):
-        def hook(module, inputs, output):
-            x = inputs[0].detach()
-            rows = x.reshape(-1, x.shape[-1]).float()
-            gram = rows.t() @ rows
-            grams[pid] = grams[pid] + gram if pid in grams else gram
-
-        return hook
-
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and id(module.weight) in params:
-            handles.append(module.register_forward_hook(make_hook(id(module.weight))))
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    n_batches = 0
-    try:
-        for batch in calib:
-            forward_fn(model, batch)
-            n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in training.items():
-            m.training = flag
-    if n_batches == 0:
-        raise ValueError("stabilize_: `calib` yielded no batches; pass at least one calibration batch")
-    missing = [pid for pid in params if pid not in grams]
-    if missing:
-        raise ValueError(
-            f"stabilize_: {len(missing)} sparse weight(s) saw no input during calibration; make sure the "
-            "calibration batches run every sparsified Linear layer"
-        )
-    return grams
+    return accumulate_linear_inputs(model, params, calib, forward_fn, lambda x: x.t() @ x, "stabilize_")
 
 
 @torch.no_grad()
