@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
-from resu.api.theta_init import check_can_enter, check_selective, initial_theta
+from resu.api.theta_phase import check_can_enter, check_selective, end_phase, initial_theta, weights_in_mode
 from resu.api.validation import check_nonnegative
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
@@ -86,14 +86,7 @@ def exit_qresu_(model: nn.Module, commit: bool = True) -> nn.Module:
     Raises:
         ValueError: no ResuParameter of ``model`` is in QRESU mode, or ``commit`` is not a bool.
     """
-    if not isinstance(commit, bool):
-        raise ValueError(f"exit_qresu_: `commit` must be True or False, got {commit!r}")
-    params = require_resu_parameters(model, "exit_qresu_")
-    in_qresu = [p for _, p in params if p.mode is ResuMode.QRESU]
-    if not in_qresu:
-        raise ValueError("exit_qresu_: no weight of `model` is in QRESU mode; call resu.enter_qresu_(model) first")
-    for p in in_qresu:
+    for p in weights_in_mode(model, ResuMode.QRESU, commit, "exit_qresu_", "enter_qresu_"):
         p._exit_qresu_(commit)
-        p._selective = None
-        p.grad = None
+        end_phase(p)
     return model

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
-from resu.api.theta_init import check_can_enter, check_selective, initial_theta
+from resu.api.theta_phase import check_can_enter, check_selective, end_phase, initial_theta, weights_in_mode
 from resu.api.validation import check_nonnegative
 from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
@@ -68,14 +68,7 @@ def exit_resu_(model: nn.Module, commit: bool = True) -> nn.Module:
     Raises:
         ValueError: no ResuParameter of ``model`` is in RESU mode.
     """
-    if not isinstance(commit, bool):
-        raise ValueError(f"exit_resu_: `commit` must be True or False, got {commit!r}")
-    params = require_resu_parameters(model, "exit_resu_")
-    in_resu = [p for _, p in params if p.mode is ResuMode.RESU]
-    if not in_resu:
-        raise ValueError("exit_resu_: no weight of `model` is in RESU mode; call resu.enter_resu_(model) first")
-    for p in in_resu:
+    for p in weights_in_mode(model, ResuMode.RESU, commit, "exit_resu_", "enter_resu_"):
         p._exit_resu_(commit)
-        p._selective = None
-        p.grad = None
+        end_phase(p)
     return model

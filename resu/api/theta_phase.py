@@ -1,4 +1,4 @@
-"""What entering a θ phase (RESU or QRESU) shares: the initial θ ~ N(0, (ε·σ_A)²) and the mode checks."""
+"""What the θ phases (RESU and QRESU) share: the initial θ ~ N(0, (ε·σ_A)²), entry and exit checks."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ def check_can_enter(params, caller: str) -> None:
         if p.mode.trains_theta:
             exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
             raise ValueError(f"{caller}: `{name}` is already in {p.mode.name} mode; call resu.{exit_fn}(model) first")
+
+
+def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
+    """The ResuParameters of ``model`` in ``mode`` (for an exit function), validating ``commit``.
+
+    A ValueError naming the fix when ``commit`` is not a bool or no weight is in ``mode``.
+    """
+    from resu.api.params import require_resu_parameters
+
+    if not isinstance(commit, bool):
+        raise ValueError(f"{caller}: `commit` must be True or False, got {commit!r}")
+    params = require_resu_parameters(model, caller)
+    found = [p for _, p in params if p.mode is mode]
+    if not found:
+        raise ValueError(f"{caller}: no weight of `model` is in {mode.name} mode; call resu.{enter_fn}(model) first")
+    return found
+
+
+def end_phase(p) -> None:
+    """What every exit does after a weight's layout changed: drop its selective tag and stale gradient."""
+    p._selective = None
+    p.grad = None
