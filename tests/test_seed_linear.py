@@ -311,6 +311,24 @@ def test_opted_in_weight_still_refuses_item_assignment_and_data_writes():
     torch.testing.assert_close(after[~active], before[~active] * 3.0)
 
 
+def test_stock_training_under_torch_compile_matches_eager():
+    eager, compiled_layer = _resu_layer(), _resu_layer()
+    compiled = torch.compile(compiled_layer, fullgraph=True)
+    opts = [torch.optim.AdamW([l.weight], lr=1e-2, weight_decay=0.1) for l in (eager, compiled_layer)]
+    active = eager.weight.active_mask
+    w0 = eager.weight.effective_weight().clone()
+    for step in range(2):
+        x = torch.randn(5, IN, generator=_gen(step))
+        for module, opt in ((eager, opts[0]), (compiled, opts[1])):
+            opt.zero_grad()
+            module(x).pow(2).mean().backward()
+        torch.testing.assert_close(compiled_layer.weight.grad, eager.weight.grad)
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(compiled_layer.weight.effective_weight(), eager.weight.effective_weight())
+    assert torch.equal(compiled_layer.weight.effective_weight()[active], w0[active])
+
+
 @pytest.mark.parametrize("commit", [True, False])
 def test_exit_resu_removes_hooks_and_flag_and_merges(commit):
     layer = _layer()

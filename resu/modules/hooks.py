@@ -1,8 +1,8 @@
-"""Post-accumulate-grad hooks that let a ``RESULinear`` weight train θ with stock ``torch.optim`` optimizers.
+"""Gradient hooks that let a ``RESULinear`` weight train θ with stock ``torch.optim`` optimizers.
 
 The core gives a RESU/QRESU weight a compact gradient (:class:`~resu.tensors.compact_grad.CompactGrad`,
 θ values only), which only :class:`resu.ResuAdamW` understands. ``RESULinear`` registers one of these
-hooks on entering a phase and removes it on exit:
+hooks on entering a phase and removes them on exit:
 
 - :func:`densify_theta_grad` (RESU): the gradient becomes an ordinary dense tensor, exactly zero at
   the active slots, so ``torch.optim.Adam([layer.weight])`` can step it.
