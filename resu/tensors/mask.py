@@ -751,6 +751,11 @@ class SparseMask:
         return self._storage
 
     @property
+    def _indices(self) -> torch.Tensor:
+        """The stored encoding (seed 000's name for it, used by its memory examples): int32 indices or a bitmap."""
+        return self._storage
+
+    @property
     def nbytes(self) -> int:
         """Bytes of :attr:`storage`."""
         return self._storage.numel() * self._storage.element_size()

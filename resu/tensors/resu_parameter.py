@@ -342,13 +342,16 @@ class ResuParameter(torch.Tensor):
     @torch.no_grad()
     def _exit_resu_(self, commit: bool) -> None:
         """RESU → DENSE keeping θ (commit) or RESU → SPARSE zeroing it."""
+        self.__dict__.pop("_stock_optimizer", None)  # the opt-in lasts one RESU phase
         if commit:
             self._set_layout(ResuMode.DENSE)
         else:
             self._zero_pruned_(self._weight)
             self._set_layout(ResuMode.SPARSE, self._mask_storage, self._encoding, self._n_pruned)
 
-    def _refuse_write_in_resu(self, what: str) -> None:
+    def _refuse_write_in_resu(self, what: str, restorable: bool = False) -> None:
+        if restorable and self._restores_active_after_writes():
+            return
         if self._mode.trains_theta:
             mode, exit_fn = ("QRESU", "exit_qresu_") if self._mode is ResuMode.QRESU else ("RESU", "exit_resu_")
             raise RuntimeError(
@@ -356,6 +359,12 @@ class ResuParameter(torch.Tensor):
                 "To train θ use resu.ResuAdamW (stock torch.optim optimizers update every slot); to change "
                 f"the weights, call resu.{exit_fn}(model) first."
             )
+
+    def _restores_active_after_writes(self) -> bool:
+        """True for a RESU weight opted in to stock optimizers (``_stock_optimizer``, set by
+        :class:`resu.modules.linear.RESULinear`): in-place ops may write into it, and its active slots
+        are restored bitwise afterwards (see :func:`_run_on_effective_weight`)."""
+        return self._mode is ResuMode.RESU and bool(self.__dict__.get("_stock_optimizer"))
 
     def _setitem(self, index, value) -> None:
         """``p[index] = value``: writes the weight; SPARSE keeps pruned slots at zero; refused in RESU."""
@@ -501,18 +510,30 @@ def _run_on_effective_weight(func, args, kwargs):
 
     In-place ops write through to the weight. In SPARSE mode the pruned slots are re-zeroed after,
     so the SPARSE invariant holds; in RESU mode they are refused, since they would move frozen
-    active weights (this is what stops a stock optimizer from decaying them).
+    active weights (this is what stops a stock optimizer from decaying them). A RESU weight opted in
+    to stock optimizers (``_stock_optimizer``) takes the write instead, and gets its active values
+    back bitwise right after it (gathered before the op, scattered back after).
     """
     mutated = _mutated_resu_params(func, args, kwargs)
     for p in mutated:
-        p._refuse_write_in_resu(f"in-place {func}")
+        p._refuse_write_in_resu(f"in-place {func}", restorable=True)
+    frozen = [_save_active(p) for p in mutated if p._restores_active_after_writes()]
     out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
     for p in mutated:
         if p._mode is ResuMode.SPARSE:
             p._zero_pruned_(p._weight)
+    for flat, index, values in frozen:
+        flat.index_copy_(0, index, values)
     if mutated and isinstance(out, torch.Tensor) and out is mutated[0]._weight:
         return mutated[0]
     return out
+
+
+def _save_active(p: "ResuParameter") -> tuple:
+    """``(flat weight, active flat indices, their current values)``: what restores the active slots."""
+    flat = p._weight.view(-1)
+    index = mask_ops.active_flat_indices(p._mask_storage, p._encoding, p.numel(), p._n_pruned)
+    return flat, index, flat.index_select(0, index)
 
 
 # ---------------------------------------------------------------------- op table: resu ops
