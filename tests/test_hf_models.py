@@ -87,3 +87,32 @@ def test_llama_compiles_fullgraph_in_resu_mode():
     out.loss.backward()
     q = model.model.layers[0].self_attn.q_proj.weight
     assert isinstance(q.grad, resu.CompactGrad) and q.grad.values.numel() == q.n_pruned
+
+
+def test_llama_qresu_trains_theta_compiled_and_round_trips():
+    model = resu.sparsify_(_llama())
+    ids = _ids()
+    resu.prune_(model, 0.3, method="wanda", calib=[{"input_ids": ids}])
+    resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=16, generator=torch.Generator().manual_seed(0))
+    rps = [p for p in model.parameters() if isinstance(p, resu.ResuParameter)]
+    assert all(p.mode is resu.ResuMode.QRESU and p._weight is None for p in rps)
+    codes = [p._qdata.clone() for p in rps]
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-2)
+    compiled = torch.compile(model, fullgraph=True)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p._qdata, c) for p, c in zip(rps, codes))  # frozen, bitwise
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = resu.sparsify_(_llama(seed=1))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
