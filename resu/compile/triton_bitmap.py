@@ -78,18 +78,6 @@ def cached_offsets_of(storage: torch.Tensor) -> list[torch.Tensor]:
 
 
 @triton.jit
-def _selected(bits_ptr, offs, numel, SELECT_PRUNED: tl.constexpr):
-    in_bounds = offs < numel
-    byte = tl.load(bits_ptr + (offs >> 3), mask=in_bounds, other=0).to(tl.int32)
-    bit = (byte >> (offs & 7)) & 1
-    if SELECT_PRUNED:
-        sel = bit != 0
-    else:
-        sel = bit == 0
-    return sel & in_bounds
-
-
-@triton.jit
 def _popcount8(x):
     """Set bits of each value in 0..255 (no popcount builtin that also runs in the interpreter)."""
     x = x - ((x >> 1) & 0x55)

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
-from resu.compile.triton_bitmap import _selected, cached_block_offsets
+from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
+from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
 
 BLOCK = 1024
 
@@ -199,11 +200,7 @@ def _bitmap_key_adamw_kernel(
     w_ptr, g_ptr, m_ptr, v_ptr, key_ptr, thr_ptr, bits_ptr, offsets_ptr, numel,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    pruned = _selected(bits_ptr, offs, numel, True)
-    seli = pruned.to(tl.int32)
-    rank = tl.load(offsets_ptr + pid) + tl.cumsum(seli, axis=0) - seli  # θ index of each pruned slot
+    offs, pruned, rank = tile_ranks(bits_ptr, offsets_ptr, numel, True, BLOCK)  # rank: θ index of a pruned slot
     sel = pruned & (tl.load(key_ptr + rank, mask=pruned, other=-1) >= tl.load(thr_ptr))
     w = tl.load(w_ptr + offs, mask=sel, other=0).to(tl.float32)
     g = tl.load(g_ptr + rank, mask=sel, other=0).to(tl.float32)
@@ -231,5 +228,5 @@ def bitmap_key_adamw_triton_(
     decay, step_size, bc2 = _adamw_scalars(step, lr, beta1, beta2, weight_decay)
     _bitmap_key_adamw_kernel[(offsets.numel(),)](
         weight.view(-1), grad, exp_avg, exp_avg_sq, keys, threshold, storage, offsets, numel,
-        decay, beta1, beta2, eps, step_size, bc2, maximize, BITMAP_BLOCK,
+        decay, beta1, beta2, eps, step_size, bc2, maximize, BITMAP_BLOCK, num_warps=BITMAP_NUM_WARPS,
     )
