@@ -45,3 +45,14 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
         assert ta is tb and ma == mb, k
         assert torch.equal(wa, wb), k
         assert (mka is None and mkb is None) or torch.equal(mka, mkb), k
+
+
+def train_classifier(model: nn.Module, opt, steps: int = 3, seed: int = 1) -> None:
+    """``steps`` optimizer steps of cross-entropy on fresh random (16 × 12 → 5 classes) batches."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=g)
+        y = torch.randint(0, 5, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()

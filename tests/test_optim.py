@@ -9,17 +9,9 @@ import torch.nn as nn
 
 import resu
 from resu.tensors.mode import ResuMode
-from tests.helpers import model_in_mode
+from tests.helpers import model_in_mode, train_classifier
 
 
-def _train(model, opt, steps=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 12, generator=g)
-        y = torch.randint(0, 5, (16,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -29,8 +21,8 @@ def test_plain_parameters_match_torch_adamw(amsgrad, maximize):
     a = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 5))
     b = copy.deepcopy(a)
     kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
-    _train(a, resu.ResuAdamW(a.parameters(), **kw))
-    _train(b, torch.optim.AdamW(b.parameters(), foreach=False, **kw))
+    train_classifier(a, resu.ResuAdamW(a.parameters(), **kw))
+    train_classifier(b, torch.optim.AdamW(b.parameters(), foreach=False, **kw))
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-7)
 
@@ -39,8 +31,8 @@ def test_dense_resu_parameter_matches_torch_adamw():
     plain = model_in_mode("dense")
     ref = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 5))
     ref.load_state_dict({k: (v.effective_weight() if isinstance(v, resu.ResuParameter) else v) for k, v in plain.state_dict().items()})
-    _train(plain, resu.ResuAdamW(plain.parameters(), lr=1e-2, weight_decay=0.1))
-    _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False))
+    train_classifier(plain, resu.ResuAdamW(plain.parameters(), lr=1e-2, weight_decay=0.1))
+    train_classifier(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False))
     for p, r in zip(plain.parameters(), ref.parameters()):
         w = p.effective_weight() if isinstance(p, resu.ResuParameter) else p
         torch.testing.assert_close(w, r, rtol=0, atol=1e-7)
@@ -52,7 +44,7 @@ def test_sparse_mode_trains_active_slots_only_and_keeps_pruned_zero():
     active = p.active_mask
     before = p.effective_weight().clone()
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    _train(model, opt, steps=4)
+    train_classifier(model, opt, steps=4)
     after = p.effective_weight()
     assert torch.all(after[~active] == 0)
     assert (after[active] != before[active]).float().mean() > 0.9
@@ -64,7 +56,7 @@ def test_resu_mode_freezes_active_slots_bitwise_with_weight_decay():
     rps = [p for p in model.parameters() if isinstance(p, resu.ResuParameter)]
     before = [(p.effective_weight().clone(), p.active_mask) for p in rps]
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
-    _train(model, opt, steps=5)
+    train_classifier(model, opt, steps=5)
     for p, (w0, active) in zip(rps, before):
         w1 = p.effective_weight()
         assert torch.equal(w1[active], w0[active])
@@ -96,10 +88,10 @@ def test_state_storage_is_reused_from_sparse_to_resu():
     model = model_in_mode("sparse", sparsity=0.4)
     p = model[0].weight
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2)
-    _train(model, opt, steps=2)
+    train_classifier(model, opt, steps=2)
     ptrs = {k: opt.state[p][k].untyped_storage().data_ptr() for k in ("exp_avg", "exp_avg_sq")}
     resu.enter_resu_(model, epsilon=0.1)
-    _train(model, opt, steps=2)
+    train_classifier(model, opt, steps=2)
     assert opt.state[p]["exp_avg"].shape == (p.n_pruned,)
     assert opt.state[p]["step"].item() == 2  # restarted for the new slot set
     for k, ptr in ptrs.items():
@@ -131,11 +123,11 @@ def test_lr_scheduler_drives_the_update():
     model = model_in_mode("resu")
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
-    _train(model, opt, steps=1)
+    train_classifier(model, opt, steps=1)
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.0
     before = [p.effective_weight().clone() for p in model.parameters() if isinstance(p, resu.ResuParameter)]
-    _train(model, opt, steps=1)
+    train_classifier(model, opt, steps=1)
     after = [p.effective_weight() for p in model.parameters() if isinstance(p, resu.ResuParameter)]
     for a, b in zip(after, before):
         assert torch.equal(a, b)
@@ -144,7 +136,7 @@ def test_lr_scheduler_drives_the_update():
 def test_optimizer_state_dict_round_trip_continues_identically():
     model = model_in_mode("resu")
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    _train(model, opt, steps=2)
+    train_classifier(model, opt, steps=2)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -155,8 +147,8 @@ def test_optimizer_state_dict_round_trip_continues_identically():
     fresh_opt = resu.ResuAdamW(fresh.parameters(), lr=1e-2, weight_decay=0.1)
     fresh_opt.load_state_dict(ckpt["opt"])
     assert fresh[0].weight.mode is ResuMode.RESU
-    _train(model, opt, steps=2, seed=7)
-    _train(fresh, fresh_opt, steps=2, seed=7)
+    train_classifier(model, opt, steps=2, seed=7)
+    train_classifier(fresh, fresh_opt, steps=2, seed=7)
     for a, b in zip(model.parameters(), fresh.parameters()):
         wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
         wb = b.effective_weight() if isinstance(b, resu.ResuParameter) else b

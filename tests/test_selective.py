@@ -15,7 +15,7 @@ from resu.core.selective import SelectionConfig
 from resu.optim.selective import selective_step_
 from resu.optim.theta_slots import PrunedSlots
 from resu.tensors.compact_grad import CompactGrad
-from tests.helpers import assert_same_snapshot, model_in_mode, snapshot
+from tests.helpers import assert_same_snapshot, model_in_mode, snapshot, train_classifier
 
 HYPER = dict(lr=1e-2, weight_decay=0.1)
 
@@ -176,14 +176,6 @@ def test_flat_theta_vector_steps_like_theta_in_the_weight():
         assert torch.equal(states[0]["exp_avg"], states[1]["exp_avg"])
 
 
-def _train(model, opt, steps, seed):
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(16, 12, generator=g)
-        y = torch.randint(0, 5, (16,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize(
@@ -196,7 +188,7 @@ def test_state_dict_resume_is_bitwise_identical(cfg):
     torch.manual_seed(0)
     model = model_in_mode("resu")
     opt = resu.ResuAdamW(model.parameters(), **HYPER, selective=cfg)
-    _train(model, opt, steps=3, seed=1)
+    train_classifier(model, opt, steps=3, seed=1)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
@@ -209,8 +201,8 @@ def test_state_dict_resume_is_bitwise_identical(cfg):
     for p in fresh.parameters():
         if "subset" in fresh_opt.state[p]:
             assert fresh_opt.state[p]["subset"].dtype == torch.int64
-    _train(model, opt, steps=4, seed=2)
-    _train(fresh, fresh_opt, steps=4, seed=2)
+    train_classifier(model, opt, steps=4, seed=2)
+    train_classifier(fresh, fresh_opt, steps=4, seed=2)
     for a, b in zip(model.parameters(), fresh.parameters()):
         wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
         wb = b.effective_weight() if isinstance(b, resu.ResuParameter) else b
@@ -227,14 +219,14 @@ def test_enter_resu_tag_reaches_the_optimizer_and_exit_clears_it():
     rps = [p for p in model.parameters() if isinstance(p, resu.ResuParameter)]
     assert all(p._selective is cfg for p in rps)
     opt = resu.ResuAdamW(model.parameters(), **HYPER)
-    _train(model, opt, steps=2, seed=3)
+    train_classifier(model, opt, steps=2, seed=3)
     stats = opt.selection_stats()
     assert stats["n_slots"] == sum(p.n_pruned for p in rps)
     assert stats["n_selected"] == sum(cfg.select_count(p.n_pruned) for p in rps)
     # A group's own config wins over the tag.
     override = SelectionConfig(strategy="magnitude", k_select_ratio=0.1)
     opt2 = resu.ResuAdamW(model.parameters(), **HYPER, selective=override)
-    _train(model, opt2, steps=1, seed=4)
+    train_classifier(model, opt2, steps=1, seed=4)
     assert opt2.selection_stats()["n_selected"] == sum(override.select_count(p.n_pruned) for p in rps)
     resu.exit_resu_(model, commit=False)
     assert all(p._selective is None for p in rps)
@@ -245,8 +237,8 @@ def test_non_theta_weights_are_stepped_as_usual():
     a, b = model_in_mode("sparse", seed=3), model_in_mode("sparse", seed=3)
     opt_a = resu.ResuAdamW(a.parameters(), **HYPER, selective=SelectionConfig())
     opt_b = resu.ResuAdamW(b.parameters(), **HYPER)
-    _train(a, opt_a, steps=3, seed=5)
-    _train(b, opt_b, steps=3, seed=5)
+    train_classifier(a, opt_a, steps=3, seed=5)
+    train_classifier(b, opt_b, steps=3, seed=5)
     for pa, pb in zip(a.parameters(), b.parameters()):
         wa = pa.effective_weight() if isinstance(pa, resu.ResuParameter) else pa
         wb = pb.effective_weight() if isinstance(pb, resu.ResuParameter) else pb
@@ -258,10 +250,10 @@ def test_states_restart_for_a_new_resu_phase():
     model = model_in_mode("resu")
     p = model[0].weight
     opt = resu.ResuAdamW(model.parameters(), **HYPER, selective=SelectionConfig())
-    _train(model, opt, steps=3, seed=1)
+    train_classifier(model, opt, steps=3, seed=1)
     resu.exit_resu_(model, commit=False)
     resu.enter_resu_(model, epsilon=0.5)
-    _train(model, opt, steps=1, seed=2)
+    train_classifier(model, opt, steps=1, seed=2)
     assert int(opt.state[p]["step"]) == 1
     # After one step from zero EMAs, C = |g| / (|g| + δ/(1−β)): about 1 wherever the gradient is not tiny.
     c = opt.state[p]["selection_m"].abs() / (opt.state[p]["selection_v"] + 1e-8)
@@ -274,8 +266,8 @@ def test_compiled_model_trains_like_eager():
     opt_e = resu.ResuAdamW(eager.parameters(), **HYPER, selective=cfg)
     opt_c = resu.ResuAdamW(comp.parameters(), **HYPER, selective=cfg)
     compiled = torch.compile(comp, fullgraph=True)
-    _train(eager, opt_e, steps=3, seed=6)
-    _train(compiled, opt_c, steps=3, seed=6)
+    train_classifier(eager, opt_e, steps=3, seed=6)
+    train_classifier(compiled, opt_c, steps=3, seed=6)
     assert opt_c.selection_stats()["n_selected"] == opt_e.selection_stats()["n_selected"] > 0
     for a, b in zip(eager.parameters(), comp.parameters()):
         wa = a.effective_weight() if isinstance(a, resu.ResuParameter) else a
