@@ -119,6 +119,11 @@ class ResuAdamW(torch.optim.Optimizer):
         """
         return self._selection_stats.as_dict()
 
+    def selection_counts(self) -> SelectionStats:
+        """The raw counts behind :meth:`selection_stats` for the last step, without a host sync: add
+        them up over steps with :meth:`SelectionStats.accumulate` and read once with ``as_dict()``."""
+        return self._selection_stats
+
     def state_dict(self) -> dict[str, Any]:
         """As ``torch.optim.Optimizer.state_dict``; a group's ``selective`` config is stored as a plain
         dict, so the result loads with ``torch.load(..., weights_only=True)``."""

@@ -76,6 +76,16 @@ class SelectionStats:
         self._n_slots += n_slots
         self._n_static_selected += n_selected
 
+    def accumulate(self, other: "SelectionStats") -> None:
+        """Add ``other``'s counts to these (device sums stay on their device: no host sync), so the
+        statistics of many steps read back with one sync in :meth:`as_dict`."""
+        for device, acc in other._device_sums.items():
+            mine = self._device_sums.get(device)
+            self._device_sums[device] = acc.clone() if mine is None else mine.add_(acc)
+        self._n_slots += other._n_slots
+        self._n_consistency_slots += other._n_consistency_slots
+        self._n_static_selected += other._n_static_selected
+
     def as_dict(self) -> dict:
         sum_c, n_selected = 0.0, float(self._n_static_selected)
         for acc in self._device_sums.values():

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import resu
 from resu.api.params import resu_parameters
+from resu.optim.selective import SelectionStats
 from resu.training.config import RESUConfig
 from resu.training.stream import BatchStream
 
@@ -93,7 +94,7 @@ def run_theta_phase(
     slots = _trainable_slots(model)
     loss_sum = None  # summed on the loss's device: no host sync per step
     n_updates = 0
-    consistency, ratios = [], []
+    selection = SelectionStats()  # summed over steps on the device: one host sync after the loop
     model.train()
     for _ in range(steps):
         loss = train_fn(model, stream.next())
@@ -103,19 +104,20 @@ def run_theta_phase(
         step_loss = loss.detach().double()
         loss_sum = step_loss if loss_sum is None else loss_sum + step_loss
         if config.use_selective:
-            sel = opt.selection_stats()
-            consistency.append(float(sel["mean_consistency"]))
-            ratios.append(float(sel["fraction_selected"]))
-            n_updates += int(sel["n_selected"])
+            selection.accumulate(opt.selection_counts())
         else:
             n_updates += slots
         bar.update(1)
     opt.zero_grad(set_to_none=True)
-    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    consistency = ratio = math.nan  # no step, no statistics
+    if config.use_selective and loss_sum is not None:
+        # Every step has the same θ slots, so the totals' ratios are the means of the per-step ones.
+        sel = selection.as_dict()
+        consistency, ratio, n_updates = sel["mean_consistency"], sel["fraction_selected"], sel["n_selected"]
     return ThetaPhaseResult(
         mean_loss=float(loss_sum) / steps if loss_sum is not None else math.nan,
         n_updates=n_updates,
-        mean_consistency=mean(consistency),
-        mean_selection_ratio=mean(ratios) if config.use_selective else 1.0,
+        mean_consistency=consistency,
+        mean_selection_ratio=ratio if config.use_selective else 1.0,
         was_pruned=was_pruned,
     )
