@@ -11,6 +11,7 @@ import torch.nn as nn
 from resu.api.params import require_resu_parameters
 from resu.api.validation import check_choice, check_fraction
 from resu.prune.amnesty import amnesty_keep, joint_keep, resurrection_budget
+from resu.api.theta_phase import end_phase
 from resu.prune.calibration import activation_norms
 from resu.prune.scores import gradient_scores, magnitude_scores, wanda_scores
 from resu.prune.select import n_to_prune
@@ -146,7 +147,7 @@ def _merge_theta_(model: nn.Module, params: list) -> None:
     for p in params:
         if p.mode is ResuMode.RESU:
             p._exit_resu_(True)
-            p.grad = None
+            end_phase(p)  # as exit_resu_ does: no stale gradient or selective tag
     if any(p.mode is ResuMode.QRESU for p in params):
         from resu import exit_qresu_  # QRESU support lives with the quantized storage
 
