@@ -117,8 +117,8 @@ def _check_can_prune(name: str, p, spec: PruneSpec) -> None:
 
 def _run_method(entry: PruneMethod, name: str, p, stat: Optional[torch.Tensor], spec: PruneSpec) -> PruneResult:
     """Call the method on a 2-D fp32 copy of ``p``'s effective weight; check and shape its answer."""
-    cols = p.shape[-1] if p.dim() else 1
-    weight = p.effective_weight().reshape(-1, cols).to(torch.float32, copy=True)
+    rows, cols = (math.prod(p.shape[:-1]), p.shape[-1]) if p.dim() >= 2 else (1, p.numel())
+    weight = p.effective_weight().reshape(rows, cols).to(torch.float32, copy=True)
     result = entry(weight, stat, spec)
     pruned = result.pruned
     if not isinstance(pruned, torch.Tensor) or pruned.dtype != torch.bool or pruned.numel() != p.numel():
