@@ -100,7 +100,9 @@ def commit_(
             calibration batch of the wrong shape) leaves it unchanged too: θ stays unmerged and the
             masks stay as they were.
     """
-    plan = _CommitPlan.check(strategy, score_type, scope, target_sparsity, calib, loss_fn, cycle, num_cycles, r_start, r_end)
+    options = dict(cycle=cycle, num_cycles=num_cycles, target_sparsity=target_sparsity, r_start=r_start, r_end=r_end,
+                   score_type=score_type, calib=calib, scope=scope, loss_fn=loss_fn, forward_fn=forward_fn)
+    plan, calib = _CommitPlan.check(strategy, options)
     params = require_resu_parameters(model, "commit_")
     in_theta = [(n, p) for n, p in params if p.mode.trains_theta]
     if not in_theta:
@@ -116,28 +118,14 @@ def commit_(
         return _choose_masks_(model, plan, merged, scores, calib, loss_fn, forward_fn)
 
 
-def commit_merged_(
-    model: nn.Module,
-    merged: list[tuple[str, Any, torch.Tensor]],
-    strategy: str,
-    *,
-    cycle: int = 0,
-    num_cycles: int = 1,
-    target_sparsity: Optional[float] = None,
-    r_start: float = 0.10,
-    r_end: float = 0.02,
-    score_type: str = "magnitude",
-    calib: Optional[Iterable[Any]] = None,
-    scope: str = "row",
-    loss_fn: Optional[LossFn] = None,
-    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-) -> CommitStats:
+def commit_merged_(model: nn.Module, merged: list[tuple[str, Any, torch.Tensor]], strategy: str, options: dict) -> CommitStats:
     """:func:`commit_` for weights whose θ is merged already (DENSE mode, active weights trained along):
-    ``merged`` holds ``(name, parameter, pruned-before mask)``; the arguments are those of :func:`commit_`."""
-    plan = _CommitPlan.check(strategy, score_type, scope, target_sparsity, calib, loss_fn, cycle, num_cycles, r_start, r_end)
+    ``merged`` holds ``(name, parameter, pruned-before mask)``; ``options`` holds every keyword argument
+    of :func:`commit_` (``cycle`` … ``forward_fn``)."""
+    plan, calib = _CommitPlan.check(strategy, options)
     calib = plan.read(calib)
     with all_or_nothing(p for _, p, _ in merged):
-        return _choose_masks_(model, plan, merged, None, calib, loss_fn, forward_fn)
+        return _choose_masks_(model, plan, merged, None, calib, options.get("loss_fn"), options.get("forward_fn"))
 
 
 @dataclass(frozen=True)
@@ -151,14 +139,17 @@ class _CommitPlan:
     budget: float
 
     @classmethod
-    def check(cls, strategy, score_type, scope, target_sparsity, calib, loss_fn, cycle, num_cycles, r_start, r_end):
-        """Every argument check of a commit, before anything is read or changed."""
+    def check(cls, strategy: str, options: dict) -> tuple["_CommitPlan", Optional[Iterable[Any]]]:
+        """Every argument check of a commit (``options``: all of :func:`commit_`'s keyword arguments),
+        before anything is read or changed. Returns the plan and the calibration batches."""
+        score_type, scope, target_sparsity = options["score_type"], options["scope"], options["target_sparsity"]
+        calib, loss_fn = options["calib"], options["loss_fn"]
         entry = COMMIT_STRATEGIES.get(strategy, "commit_", "strategy")
         check_choice(score_type, "score_type", SCORE_TYPES, "commit_")
         check_choice(scope, "scope", SCOPES, "commit_")
         if target_sparsity is not None:
             target_sparsity = check_fraction(target_sparsity, "target_sparsity", "commit_")
-        budget = resurrection_budget(cycle, num_cycles, r_start, r_end)
+        budget = resurrection_budget(options["cycle"], options["num_cycles"], options["r_start"], options["r_end"])
         if not entry.prunes and target_sparsity:
             raise ValueError(
                 f"commit_: strategy={strategy!r} keeps every merged slot; pass target_sparsity=None (or 0), or use "
@@ -169,7 +160,7 @@ class _CommitPlan:
             raise ValueError(f"commit_: {scoring} scores need calibration data; pass calib=<iterable of batches>")
         if scoring == "gradient" and loss_fn is None:
             raise ValueError("commit_: score_type='gradient' needs loss_fn=(model, batch) -> loss")
-        return cls(entry, scoring, scope, target_sparsity, budget if entry.uses_budget else 0.0)
+        return cls(entry, scoring, scope, target_sparsity, budget if entry.uses_budget else 0.0), calib
 
     def read(self, calib: Optional[Iterable[Any]]) -> Optional[list]:
         """The calibration batches as a list (they may be read twice); an empty one is refused when needed."""

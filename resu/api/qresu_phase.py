@@ -7,16 +7,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from resu.api.params import require_resu_parameters
-from resu.api.theta_phase import (
-    check_can_enter,
-    check_selective,
-    end_phase,
-    initial_theta,
-    start_phase_,
-    weights_in_mode,
-)
-from resu.api.validation import check_generator, check_int, check_nonnegative
+from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
+from resu.api.validation import check_int
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
 from resu.tensors.resu_parameter import ResuParameter
@@ -62,11 +54,7 @@ def enter_qresu_(
     check_int(bits, "bits", "enter_qresu_", choices=(4, 8))
     check_int(group_size, "group_size", "enter_qresu_", minimum=1)
     check_format(bits, scheme, group_size, "enter_qresu_")
-    epsilon = check_nonnegative(epsilon, "epsilon", "enter_qresu_")
-    check_selective(selective, "enter_qresu_")
-    check_generator(generator, "enter_qresu_")
-    params = require_resu_parameters(model, "enter_qresu_")
-    check_can_enter(params, "enter_qresu_")
+    params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_qresu_")
     fmt = QuantFormat(bits, scheme, group_size)
     states = []
     with torch.no_grad():

@@ -7,16 +7,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from resu.api.params import require_resu_parameters
-from resu.api.theta_phase import (
-    check_can_enter,
-    check_selective,
-    end_phase,
-    initial_theta,
-    start_phase_,
-    weights_in_mode,
-)
-from resu.api.validation import check_generator, check_nonnegative
+from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
 from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -51,11 +42,7 @@ def enter_resu_(
             :func:`resu.prune_` first) or already in RESU/QRESU mode. The model is left unchanged
             (also when a step fails midway: the weights already changed are restored).
     """
-    epsilon = check_nonnegative(epsilon, "epsilon", "enter_resu_")
-    check_selective(selective, "enter_resu_")
-    check_generator(generator, "enter_resu_")
-    params = require_resu_parameters(model, "enter_resu_")
-    check_can_enter(params, "enter_resu_")
+    params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_resu_")
     thetas = [initial_theta(p, epsilon, generator) for _, p in params]
     start_phase_(params, thetas, ResuParameter._enter_resu_, selective)
     return model

@@ -6,8 +6,9 @@ from typing import Callable, Optional
 
 import torch
 
+from resu.api.params import require_resu_parameters
 from resu.api.transaction import all_or_nothing
-from resu.api.validation import exit_function
+from resu.api.validation import check_generator, check_nonnegative, exit_function
 
 
 def active_std(p) -> float:
@@ -53,8 +54,6 @@ def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
 
     A ValueError naming the fix when ``commit`` is not a bool or no weight is in ``mode``.
     """
-    from resu.api.params import require_resu_parameters
-
     if not isinstance(commit, bool):
         raise ValueError(f"{caller}: `commit` must be True or False, got {commit!r}")
     params = require_resu_parameters(model, caller)
@@ -62,6 +61,17 @@ def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
     if not found:
         raise ValueError(f"{caller}: no weight of `model` is in {mode.name} mode; call resu.{enter_fn}(model) first")
     return found
+
+
+def prepare_phase(model, epsilon, selective, generator, caller: str) -> tuple[list, float]:
+    """The checks every θ-phase entry makes before computing anything: ``epsilon``, ``selective``,
+    ``generator``, and every weight pruned and not in a θ phase yet. Returns ``(params, epsilon)``."""
+    epsilon = check_nonnegative(epsilon, "epsilon", caller)
+    check_selective(selective, caller)
+    check_generator(generator, caller)
+    params = require_resu_parameters(model, caller)
+    check_can_enter(params, caller)
+    return params, epsilon
 
 
 def start_phase_(params, states: list, enter: Callable, selective) -> None:

@@ -62,11 +62,7 @@ class RESUCycle(TrainingSetup):
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: RESUConfig,
-        optimizer: torch.optim.Optimizer,
-        train_fn: TrainFn,
+        self, model: nn.Module, config: RESUConfig, optimizer: torch.optim.Optimizer, train_fn: TrainFn,
         cycle_num: int = 0,
         *,
         eval_fn: Optional[EvalFn] = None,

@@ -144,7 +144,7 @@ def commit_phase(
         strategy = "reprune"  # the no-amnesty ablation: one joint ranking
     entry = COMMIT_STRATEGIES.get(strategy, "RESUConfig", "commit_strategy")
     score_type = config.amnesty_score_type
-    kwargs = dict(
+    options = dict(
         cycle=cycle,
         num_cycles=config.num_cycles,
         r_start=config.amnesty_r_start,
@@ -157,10 +157,10 @@ def commit_phase(
         forward_fn=forward_fn,
     )
     if was_pruned is None:
-        return commit_(model, strategy, **kwargs)
+        return commit_(model, strategy, **options)
     # Active weights trained along (freeze_active_during_resu=False): the weights are DENSE already.
     merged = [(name, p, was_pruned[name]) for name, p in resu_parameters(model) if name in was_pruned]
-    return commit_merged_(model, merged, strategy, **kwargs)
+    return commit_merged_(model, merged, strategy, options)
 
 
 def stabilize_phase(

@@ -31,16 +31,7 @@ def check_training_args(model, config, optimizer, train_fn, eval_fn) -> None:
 class TrainingSetup:
     """The model (sparsified on the way in), config, optimizer and user callables of a run."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: RESUConfig,
-        optimizer: torch.optim.Optimizer,
-        train_fn: TrainFn,
-        eval_fn: Optional[EvalFn] = None,
-        pruner: Any = None,
-        stabilizer: Any = None,
-    ):
+    def __init__(self, model, config, optimizer, train_fn, eval_fn: Optional[EvalFn], pruner: Any, stabilizer: Any):
         check_training_args(model, config, optimizer, train_fn, eval_fn)
         self.model = ensure_sparsified(model)
         self.config = config

@@ -44,11 +44,7 @@ class RESUTrainer(TrainingSetup):
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: RESUConfig,
-        optimizer: torch.optim.Optimizer,
-        train_fn: TrainFn,
+        self, model: nn.Module, config: RESUConfig, optimizer: torch.optim.Optimizer, train_fn: TrainFn,
         eval_fn: Optional[EvalFn] = None,
         pruner: Any = None,
         stabilizer: Any = None,
