@@ -63,10 +63,13 @@ def prune_(
     """
     sparsity = check_fraction(sparsity, "sparsity", "prune_")
     if isinstance(method, str) and method in ALIASES:
+        alias_method, alias_pattern = ALIASES[method]
         if pattern is not None:
-            raise ValueError(f"prune_: method={method!r} is method={ALIASES[method][0]!r} with pattern={ALIASES[method][1]!r}; "
-                             "pass a pattern with a registered method instead")
-        method, pattern = ALIASES[method]
+            raise ValueError(
+                f"prune_: method={method!r} means method={alias_method!r} with pattern={alias_pattern!r}; "
+                "pass a pattern with a registered method instead"
+            )
+        method, pattern = alias_method, alias_pattern
     entry: PruneMethod = PRUNE_METHODS.get(method, "prune_", "method")
     check_choice(scope, "scope", SCOPES, "prune_")
     check_generator(generator, "prune_")
@@ -129,8 +132,10 @@ def _run_method(entry: PruneMethod, name: str, p, stat: Optional[torch.Tensor], 
     new_weight = result.weight
     if new_weight is not None:
         if not isinstance(new_weight, torch.Tensor) or new_weight.numel() != p.numel():
-            raise ValueError(f"prune_: method {entry.name!r} returned a weight of {_describe(new_weight)} for `{name}`, "
-                             f"expected {p.numel()} elements")
+            raise ValueError(
+                f"prune_: method {entry.name!r} returned a weight of {_describe(new_weight)} for `{name}`, "
+                f"expected {p.numel()} elements"
+            )
         if not bool(torch.isfinite(new_weight).all()):
             raise ValueError(f"prune_: method {entry.name!r} returned NaN or infinite weights for `{name}`")
         new_weight = new_weight.reshape(p.shape).to(p.device, p.dtype)

@@ -193,9 +193,10 @@ class RESUConfig:
         self.selective_tau = _fraction(self.selective_tau, "selective_tau")
         self.selective_k_select_ratio = _fraction(self.selective_k_select_ratio, "selective_k_select_ratio")
         self.selective_k_screen_ratio = _fraction(self.selective_k_screen_ratio, "selective_k_screen_ratio")
-        if isinstance(self.qresu_bits, bool) or not isinstance(self.qresu_bits, numbers.Integral) or self.qresu_bits not in (4, 8):
-            raise ValueError(f"RESUConfig: `qresu_bits` must be the int 4 or 8, got {self.qresu_bits!r}")
-        self.qresu_bits = int(self.qresu_bits)
+        bits = self.qresu_bits
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (4, 8):  # 4.0 is not 4
+            raise ValueError(f"RESUConfig: `qresu_bits` must be the int 4 or 8, got {bits!r}")
+        self.qresu_bits = int(bits)
         _choice(self.qresu_scheme, "qresu_scheme", QRESU_SCHEMES)
         self.qresu_group_size = _count(self.qresu_group_size, "qresu_group_size", 1)
         if self.use_qresu and not self.freeze_active_during_resu:
