@@ -184,3 +184,23 @@ def test_prune_method_entry_wraps_a_bare_mask():
     entry = PruneMethod("m", lambda w, s, spec: w > 0)
     result = entry(torch.tensor([[1.0, -1.0]]), None, None)
     assert isinstance(result, PruneResult) and result.weight is None and result.pruned.tolist() == [[True, False]]
+
+
+def test_method_result_and_apply_pruning_give_what_prune_gives():
+    """The two halves of prune_, for callers that compute statistics themselves (layer by layer)."""
+    from resu.api.prune import apply_pruning_, method_result
+    from resu.prune.registry import PruneSpec
+
+    a, b = model_in_mode("dense"), model_in_mode("dense")
+    calib = _calib()
+    resu.prune_(a, 0.5, method="wanda", calib=calib)
+    x = torch.cat(calib)
+    with torch.no_grad():
+        stats = [x.pow(2).sum(0), b[1](b[0](x)).pow(2).sum(0)]
+    wanda = PRUNE_METHODS.get("wanda", "test", "method")
+    weights = [b[0].weight, b[2].weight]
+    results = [method_result(wanda, f"{i}", p, s, PruneSpec(0.5)) for i, p, s in zip((0, 2), weights, stats)]
+    assert all(p.mode is resu.ResuMode.DENSE for p in weights)  # computing the results changed nothing
+    apply_pruning_(weights, results)
+    for p, q in zip(weights, (a[0].weight, a[2].weight)):
+        assert torch.equal(p.active_mask, q.active_mask) and torch.equal(p.effective_weight(), q.effective_weight())

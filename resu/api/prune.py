@@ -83,14 +83,24 @@ def prune_(
     stats = {}
     if entry.statistic is not None:
         stats = linear_input_statistics(model, {id(p): p for _, p in params}, entry.statistic, calib, forward_fn)
-    results = [_run_method(entry, name, p, stats.get(id(p)), spec) for name, p in params]
-    with all_or_nothing(p for _, p in params), torch.no_grad():
-        for (_, p), result in zip(params, results):
+    results = [method_result(entry, name, p, stats.get(id(p)), spec) for name, p in params]
+    apply_pruning_([p for _, p in params], results)
+    return model
+
+
+def apply_pruning_(params: list, results: list[PruneResult]) -> None:
+    """Put every ResuParameter of ``params`` in SPARSE mode with its :class:`PruneResult` (the mask, and
+    the new values of the surviving slots where the result has them); all of them, or none if one fails.
+
+    For callers that compute the results themselves (block-by-block calibration, say): ``results`` come
+    from :func:`method_result`.
+    """
+    with all_or_nothing(params), torch.no_grad():
+        for p, result in zip(params, results):
             p._apply_pruning_(result.pruned)
             if result.weight is not None:
                 p.copy_(result.weight)  # SPARSE: the pruned slots stay zero
             p.grad = None
-    return model
 
 
 def _check_pattern_sparsity(spec: PruneSpec) -> None:
@@ -118,8 +128,9 @@ def _check_can_prune(name: str, p, spec: PruneSpec) -> None:
         )
 
 
-def _run_method(entry: PruneMethod, name: str, p, stat: Optional[torch.Tensor], spec: PruneSpec) -> PruneResult:
-    """Call the method on a 2-D fp32 copy of ``p``'s effective weight; check and shape its answer."""
+def method_result(entry: PruneMethod, name: str, p, stat: Optional[torch.Tensor], spec: PruneSpec) -> PruneResult:
+    """Call prune method ``entry`` on a 2-D fp32 copy of ``p``'s effective weight (``name`` is ``p``'s name,
+    for errors); check its answer and shape it as ``p`` (on ``p``'s device and dtype). Changes nothing."""
     rows, cols = (math.prod(p.shape[:-1]), p.shape[-1]) if p.dim() >= 2 else (1, p.numel())
     weight = p.effective_weight().reshape(rows, cols).to(torch.float32, copy=True)
     result = entry(weight, stat, spec)
