@@ -56,3 +56,61 @@ def train_classifier(model: nn.Module, opt, steps: int = 3, seed: int = 1) -> No
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+def _bytes(t):
+    return None if t is None else t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def exact_state(model: nn.Module) -> list:
+    """Every parameter's object, type, mode, mask bytes, weight and θ bits and gradient bits: what an
+    all-or-nothing operation must leave exactly as it was when it fails."""
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        entry = [name, id(p), type(p), p.requires_grad, _bytes(p.grad)]
+        if isinstance(p, resu.ResuParameter):
+            mask = p.mask
+            entry += [
+                p.mode,
+                p.n_pruned,
+                p.quant_format,
+                None if mask is None else (mask.encoding, _bytes(mask.storage)),
+                _bytes(p.effective_weight()),
+                _bytes(p.theta),
+            ]
+        else:
+            entry.append(_bytes(p))
+        out.append(entry)
+    return out
+
+
+def assert_same_state(before: list, after: list, same_objects: bool = True) -> None:
+    """``exact_state``s equal; ``same_objects=False`` compares a twin model (other parameter objects)."""
+    assert len(before) == len(after)
+    for b, a in zip(before, after):
+        assert len(a) == len(b), b[0]
+        if not same_objects:
+            b, a = b[:1] + b[2:], a[:1] + a[2:]
+        for x, y in zip(b, a):
+            if isinstance(x, tuple):  # (encoding, storage bytes)
+                assert x[0] == y[0] and torch.equal(x[1], y[1]), b[0]
+            elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y), b[0]
+            else:
+                assert x == y, b[0]
+
+
+def fail_on_call(monkeypatch, owner, attribute: str, call: int = 2):
+    """Make ``owner.attribute`` raise on its ``call``-th call (the earlier calls run normally); returns
+    the list of call counts, so a test can check the failure was reached."""
+    real = getattr(owner, attribute)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(f"injected failure in {attribute}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, wrapper)
+    return calls

@@ -72,8 +72,8 @@ def test_total_resurrected_places_follow_the_budget(seed, budget):
     rows, cols = 16, 20
     scores = torch.rand(rows, cols, generator=gen)
     was_pruned = torch.rand(rows, cols, generator=gen) < 0.5
-    was_pruned[:, :4] = True  # enough candidates of both kinds in every row
-    was_pruned[:, 4:8] = False
+    was_pruned[:, :6] = True  # enough candidates of both kinds for all 6 places of every row
+    was_pruned[:, 6:12] = False
     n_keep = torch.full((rows,), 6)
     keep = amnesty_keep(scores, was_pruned, n_keep, budget)
     assert int((keep & was_pruned).sum()) == round(budget * 6 * rows)

@@ -418,3 +418,96 @@ def test_tensor_is_left_alone_by_type_error():
         resu.sparsify_(t)
     assert type(t) is torch.Tensor
     assert torch.equal(bits(t), b)
+
+
+# --------------------------------------------------------------------------
+# strict types: 4.0 is not 4, True is not 1
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(bits=4.0), "bits"),
+        (dict(bits=8.0), "bits"),
+        (dict(bits=True), "bits"),
+        (dict(bits="4"), "bits"),
+        (dict(bits=3), "bits"),
+        (dict(scheme="per_group", group_size=4.0), "group_size"),
+        (dict(scheme="per_group", group_size=True), "group_size"),
+        (dict(scheme="per_group", group_size=0), "group_size"),
+        (dict(epsilon="0.1"), "epsilon"),
+        (dict(epsilon=True), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(generator=0), "generator"),
+    ],
+    ids=repr,
+)
+def test_enter_qresu_refuses_loose_types(kwargs, name):
+    model = build("sparse")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"enter_qresu_: `{name}`"):
+        resu.enter_qresu_(model, **kwargs)
+    assert_same(before, snapshot(model))
+
+
+@pytest.mark.parametrize("call", [lambda m: resu.enter_resu_(m, 0.1, generator=1), lambda m: resu.prune_(m, 0.5, generator="seed")])
+def test_generator_must_be_a_torch_generator(call):
+    model = build("sparse")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="`generator` must be a torch.Generator"):
+        call(model)
+    assert_same(before, snapshot(model))
+
+
+# --------------------------------------------------------------------------
+# calibration with NaN / inf activations, and the meta device
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("state", ["dense", "sparse"])
+def test_wanda_with_non_finite_activations_names_the_layer(bad, state):
+    model = build(state)
+    before = snapshot(model)
+    calib = calib_batches()
+    calib[1][2, 5] = bad
+    with pytest.raises(ValueError, match=r"prune_: the calibration inputs of layer `0` hold NaN or infinite values"):
+        resu.prune_(model, 0.5, method="wanda", calib=calib)
+    assert_same(before, snapshot(model))
+
+
+def test_non_finite_activations_of_a_later_layer_name_that_layer():
+    model = build("dense")
+    with torch.no_grad():
+        model[2].weight.mul_(1e30)  # finite inputs, overflowing activations two layers on
+        model[2].bias.fill_(1e38)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="layer `4`"):
+        resu.prune_(model, 0.5, method="wanda", calib=[b * 1e10 for b in calib_batches()])
+    assert_same(before, snapshot(model))
+
+
+def test_commit_and_stabilize_with_non_finite_activations_change_nothing():
+    model = build("resu")
+    before = snapshot(model)
+    calib = calib_batches()
+    calib[0][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="commit_: the calibration inputs of layer `0`"):
+        resu.commit_(model, "wanda_reprune", calib=calib)
+    assert_same(before, snapshot(model))
+    model = build("sparse")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="stabilize_: the calibration inputs of layer `0`"):
+        resu.stabilize_(model, calib)
+    assert_same(before, snapshot(model))
+
+
+def test_prune_on_the_meta_device_explains_itself():
+    with torch.device("meta"):
+        model = make_mlp()
+    resu.sparsify_(model)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(ValueError, match=r"`0\.weight` is on the meta device.*to_empty"):
+        resu.prune_(model, 0.5)
+    assert all(p.mode is ResuMode.DENSE for p in model.parameters() if isinstance(p, ResuParameter))

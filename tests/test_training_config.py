@@ -106,6 +106,12 @@ def test_round_trip_through_dict():
         (dict(sparsity_schedule="exponential"), "sparsity_schedule"),
         (dict(use_selective="yes"), "use_selective"),
         (dict(qresu_bits=3), "qresu_bits"),
+        (dict(qresu_bits=4.0), "qresu_bits"),
+        (dict(qresu_bits=True), "qresu_bits"),
+        (dict(qresu_bits="4"), "qresu_bits"),
+        (dict(qresu_group_size=128.0), "qresu_group_size"),
+        (dict(calib_batches=2.0), "calib_batches"),
+        (dict(pruning_method="2:4"), "pruning_method"),
         (dict(use_qresu=True, freeze_active_during_resu=False), "freeze_active_during_resu"),
     ],
 )

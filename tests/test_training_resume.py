@@ -1,5 +1,6 @@
 """RESUTrainer.state_dict / load_state_dict: a resumed run ends bitwise equal to an uninterrupted one (CPU)."""
 
+import copy
 import io
 import math
 
@@ -110,3 +111,137 @@ def test_load_state_dict_warns_about_a_different_config():
     trainer2 = RESUTrainer(other, RESUConfig(**{**CONFIG, "seed": 4}), torch.optim.SGD(other.parameters(), lr=0.1), train_step)
     with pytest.warns(UserWarning, match="config differs"):
         trainer2.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- all-or-nothing loading
+def _trainer_after(cycles, optimizer_kind="resu"):
+    torch.manual_seed(0)
+    model = _model()
+    trainer = RESUTrainer(model, RESUConfig(**CONFIG), _optimizer(optimizer_kind, model), train_step)
+    trainer.train(_loader(), num_cycles=cycles)
+    return trainer
+
+
+def _trainer_view(trainer):
+    """What load_state_dict may change: counters, stats, model, optimizer state, RNG states."""
+    opt = trainer.optimizer.state_dict()
+    return (
+        trainer.cycle,
+        _comparable(trainer.stats),
+        {k: v.clone() for k, v in _final_state(trainer.model).items()},
+        [m.clone() for m in _masks(trainer.model)],
+        {pid: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for pid, s in opt["state"].items()},
+        trainer.generator.get_state().clone(),
+        torch.get_rng_state().clone(),
+        trainer._pending_stream_state,
+    )
+
+
+def _assert_same_view(a, b):
+    assert a[0] == b[0] and a[1] == b[1] and a[7] == b[7]
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    assert len(a[3]) == len(b[3]) and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    assert a[4].keys() == b[4].keys()
+    for pid in a[4]:
+        assert a[4][pid].keys() == b[4][pid].keys()
+        for k in a[4][pid]:
+            x, y = a[4][pid][k], b[4][pid][k]
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert torch.equal(a[5], b[5]) and torch.equal(a[6], b[6])
+
+
+def _corrupt(state, path, value):
+    state = dict(state)
+    if len(path) == 1:
+        state[path[0]] = value
+    else:
+        state[path[0]] = _corrupt(state[path[0]], path[1:], value)
+    return state
+
+
+@pytest.mark.parametrize(
+    "path,value,match",
+    [
+        (("cycle",), -1, "'cycle'"),
+        (("cycle",), "2", "'cycle'"),
+        (("cycle",), 2.0, "'cycle'"),
+        (("stats",), [{"cycle": 0}], "'stats'"),
+        (("stats",), "stats", "'stats'"),
+        (("generator",), torch.zeros(3, dtype=torch.uint8), "'generator'"),
+        (("torch_rng",), torch.zeros(5), "'torch_rng'"),
+        (("stream",), {"epoch": 0}, "'stream'"),
+        (("stream", "position"), -3, "'stream.position'"),
+        (("model", "0.weight"), torch.zeros(3, 3), "'model'"),
+        (("model",), {}, "'model'"),
+        (("optimizer", "param_groups"), [], "'optimizer'"),
+        (("optimizer",), {"state": {}}, "'optimizer'"),
+    ],
+    ids=repr,
+)
+def test_a_bad_field_is_refused_before_anything_changes(path, value, match):
+    saved = copy.deepcopy(_trainer_after(2).state_dict())
+    trainer = _trainer_after(1)
+    before = _trainer_view(trainer)
+    with pytest.raises(ValueError, match=match):
+        trainer.load_state_dict(_corrupt(saved, path, value))
+    _assert_same_view(before, _trainer_view(trainer))
+
+
+def test_a_missing_field_is_refused():
+    saved = _trainer_after(1).state_dict()
+    trainer = _trainer_after(1)
+    del saved["optimizer"]
+    with pytest.raises(ValueError, match="lacks"):
+        trainer.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["resu", "torch"])
+def test_an_optimizer_that_fails_to_load_leaves_model_and_trainer_unchanged(monkeypatch, optimizer_kind):
+    saved = copy.deepcopy(_trainer_after(2, optimizer_kind).state_dict())
+    trainer = _trainer_after(1, optimizer_kind)
+    before = _trainer_view(trainer)
+    real = trainer.optimizer.load_state_dict
+    calls = []
+
+    def failing(state):
+        calls.append(1)
+        if len(calls) == 1:  # the load fails after the model was loaded; the restore goes through
+            raise RuntimeError("optimizer state rejected")
+        return real(state)
+
+    monkeypatch.setattr(trainer.optimizer, "load_state_dict", failing)
+    with pytest.raises(RuntimeError, match="optimizer state rejected"):
+        trainer.load_state_dict(saved)
+    assert len(calls) == 2
+    _assert_same_view(before, _trainer_view(trainer))
+    monkeypatch.undo()
+    trainer.load_state_dict(saved)  # and a later good load works
+    assert trainer.cycle == 2
+
+
+def test_resuming_with_a_shorter_loader_raises_and_changes_nothing():
+    torch.manual_seed(0)
+    model = _model()
+    trainer = RESUTrainer(model, RESUConfig(**CONFIG), _optimizer("resu", model), train_step)
+    loader = _loader()
+    trainer.train(loader, num_cycles=3)
+    saved = copy.deepcopy(trainer.state_dict())  # a live state dict shares the optimizer's tensors
+    assert saved["stream"]["position"] > 2
+    short = [next(iter(_loader()))] * 2  # two batches per pass
+
+    def resumed_run(fail_first: bool):
+        model = _model()
+        resumed = RESUTrainer(model, RESUConfig(**CONFIG), _optimizer("resu", model), train_step)
+        resumed.load_state_dict(copy.deepcopy(saved))
+        if fail_first:
+            rng = torch.get_rng_state().clone()
+            with pytest.raises(ValueError, match=r"yields 2 batches per pass, but the saved position is batch \d+"):
+                resumed.train(short, num_cycles=1)
+            assert torch.equal(torch.get_rng_state(), rng)
+            assert resumed.cycle == 3 and len(resumed.stats) == 3
+        resumed.train(loader, num_cycles=1)  # the saved position is still pending: the right loader resumes
+        return _final_state(model), _comparable(resumed.stats)
+
+    (weights_a, stats_a), (weights_b, stats_b) = resumed_run(True), resumed_run(False)
+    assert stats_a == stats_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_b)

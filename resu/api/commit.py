@@ -8,16 +8,18 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
+import resu.prune  # noqa: F401  (registers the built-in commit strategies)
 from resu.api.params import require_resu_parameters
-from resu.api.validation import check_choice, check_fraction
-from resu.prune.amnesty import amnesty_keep, joint_keep, resurrection_budget
 from resu.api.theta_phase import end_phase
+from resu.api.transaction import all_or_nothing
+from resu.api.validation import check_choice, check_fraction
+from resu.prune.amnesty import resurrection_budget
 from resu.prune.calibration import activation_norms
+from resu.prune.registry import COMMIT_STRATEGIES, CommitStrategy
 from resu.prune.scores import gradient_scores, magnitude_scores, wanda_scores
 from resu.prune.select import n_to_prune
 from resu.tensors.mode import ResuMode
 
-STRATEGIES = ("amnesty", "wanda_reprune", "reprune", "simple")
 SCORE_TYPES = ("magnitude", "gradient", "wanda")
 SCOPES = ("row", "global")
 
@@ -66,7 +68,8 @@ def commit_(
 ) -> CommitStats:
     """Merge θ into every weight in RESU (or QRESU) mode and choose its next mask, in place.
 
-    Strategies:
+    Strategies (registered in :data:`resu.prune.registry.COMMIT_STRATEGIES`; add one with
+    :func:`resu.prune.registry.register_commit_strategy`):
 
     - ``"amnesty"``: scores all merged slots, then the previously active slots compete for
       ``n_keep·(1 − r)`` places and the resurrected ones for ``n_keep·r`` (leftover places go to the
@@ -93,96 +96,103 @@ def commit_(
 
     Raises:
         ValueError: bad arguments, missing ``calib``/``loss_fn``, or no weight in RESU/QRESU mode;
-            the model is left unchanged.
+            the model is left unchanged. Any error while scoring (a ``loss_fn`` that raises, a
+            calibration batch of the wrong shape) leaves it unchanged too: θ stays unmerged and the
+            masks stay as they were.
     """
-    check_choice(strategy, "strategy", STRATEGIES, "commit_")
-    check_choice(score_type, "score_type", SCORE_TYPES, "commit_")
-    check_choice(scope, "scope", SCOPES, "commit_")
-    if target_sparsity is not None:
-        target_sparsity = check_fraction(target_sparsity, "target_sparsity", "commit_")
-    budget = resurrection_budget(cycle, num_cycles, r_start, r_end)
-    if strategy == "simple" and target_sparsity:
-        raise ValueError(
-            "commit_: strategy='simple' keeps every merged slot; pass target_sparsity=None (or 0), or use "
-            "strategy='amnesty' to re-prune"
-        )
-    scoring = "wanda" if strategy == "wanda_reprune" else score_type
-    if strategy != "simple":
-        if scoring in ("wanda", "gradient") and calib is None:
-            raise ValueError(f"commit_: {scoring} scores need calibration data; pass calib=<iterable of batches>")
-        if scoring == "gradient" and loss_fn is None:
-            raise ValueError("commit_: score_type='gradient' needs loss_fn=(model, batch) -> loss")
+    options = dict(cycle=cycle, num_cycles=num_cycles, target_sparsity=target_sparsity, r_start=r_start, r_end=r_end,
+                   score_type=score_type, calib=calib, scope=scope, loss_fn=loss_fn, forward_fn=forward_fn)
+    plan, calib = _CommitPlan.check(strategy, options)
     params = require_resu_parameters(model, "commit_")
     in_theta = [(n, p) for n, p in params if p.mode.trains_theta]
     if not in_theta:
         raise ValueError("commit_: no weight of `model` is in RESU mode; call resu.enter_resu_(model) first")
-    if calib is not None:
-        calib = list(calib)  # read more than once
-        if scoring in ("wanda", "gradient") and strategy != "simple" and not calib:
+    calib = plan.read(calib)
+    merged = [(name, p, ~p.active_mask) for name, p in in_theta]
+    # θ sits in the forward and in the effective weights already: scores that need no gradient are
+    # the merged model's scores, taken before anything changes.
+    scores = None if plan.scoring == "gradient" else _scores(model, plan, [p for _, p in in_theta], calib, None, forward_fn)
+    with all_or_nothing(p for _, p in in_theta):
+        for _, p in in_theta:
+            _merge_theta_(p)
+        return _choose_masks_(model, plan, merged, scores, calib, loss_fn, forward_fn)
+
+
+def commit_merged_(model: nn.Module, merged: list[tuple[str, Any, torch.Tensor]], strategy: str, options: dict) -> CommitStats:
+    """:func:`commit_` for weights whose θ is merged already (DENSE mode, active weights trained along):
+    ``merged`` holds ``(name, parameter, pruned-before mask)``; ``options`` holds every keyword argument
+    of :func:`commit_` (``cycle`` … ``forward_fn``)."""
+    plan, calib = _CommitPlan.check(strategy, options)
+    calib = plan.read(calib)
+    with all_or_nothing(p for _, p, _ in merged):
+        return _choose_masks_(model, plan, merged, None, calib, options.get("loss_fn"), options.get("forward_fn"))
+
+
+@dataclass(frozen=True)
+class _CommitPlan:
+    """A commit's checked arguments: the strategy entry, what it scores by, where it prunes to."""
+
+    strategy: CommitStrategy
+    scoring: Optional[str]
+    scope: str
+    target_sparsity: Optional[float]
+    budget: float
+
+    @classmethod
+    def check(cls, strategy: str, options: dict) -> tuple["_CommitPlan", Optional[Iterable[Any]]]:
+        """Every argument check of a commit (``options``: all of :func:`commit_`'s keyword arguments),
+        before anything is read or changed. Returns the plan and the calibration batches."""
+        score_type, scope, target_sparsity = options["score_type"], options["scope"], options["target_sparsity"]
+        calib, loss_fn = options["calib"], options["loss_fn"]
+        entry = COMMIT_STRATEGIES.get(strategy, "commit_", "strategy")
+        check_choice(score_type, "score_type", SCORE_TYPES, "commit_")
+        check_choice(scope, "scope", SCOPES, "commit_")
+        if target_sparsity is not None:
+            target_sparsity = check_fraction(target_sparsity, "target_sparsity", "commit_")
+        budget = resurrection_budget(options["cycle"], options["num_cycles"], options["r_start"], options["r_end"])
+        if not entry.prunes and target_sparsity:
+            raise ValueError(
+                f"commit_: strategy={strategy!r} keeps every merged slot; pass target_sparsity=None (or 0), or use "
+                "strategy='amnesty' to re-prune"
+            )
+        scoring = entry.scoring(score_type)
+        if entry.needs_calibration(score_type) and calib is None:
+            raise ValueError(f"commit_: {scoring} scores need calibration data; pass calib=<iterable of batches>")
+        if scoring == "gradient" and loss_fn is None:
+            raise ValueError("commit_: score_type='gradient' needs loss_fn=(model, batch) -> loss")
+        return cls(entry, scoring, scope, target_sparsity, budget if entry.uses_budget else 0.0), calib
+
+    def read(self, calib: Optional[Iterable[Any]]) -> Optional[list]:
+        """The calibration batches as a list (they may be read twice); an empty one is refused when needed."""
+        if calib is None:
+            return None
+        calib = list(calib)
+        if self.scoring in ("wanda", "gradient") and not calib:
             raise ValueError("commit_: `calib` yielded no batches; pass at least one calibration batch")
-    norms = None
-    if strategy != "simple" and scoring == "wanda":
-        # θ sits in the forward already, so activations now are those of the merged model; taking
-        # them before merging means a calibration error leaves the model unchanged.
-        norms = activation_norms(model, {id(p): p for _, p in in_theta}, calib, forward_fn, caller="commit_")
-    was_pruned = {name: p._pruned_bool().view(p.shape).clone() for name, p in in_theta}
-    _merge_theta_(model, [p for _, p in in_theta])
-    return select_after_merge_(
-        model,
-        [(n, p, was_pruned[n]) for n, p in in_theta],
-        strategy,
-        budget=budget if strategy == "amnesty" else 0.0,
-        target_sparsity=target_sparsity,
-        score_type=scoring,
-        calib=calib,
-        scope=scope,
-        loss_fn=loss_fn,
-        forward_fn=forward_fn,
-        activation_norms_by_id=norms,
-    )
+        return calib
 
 
-def _merge_theta_(model: nn.Module, params: list) -> None:
-    """θ becomes part of the weight: RESU weights go to DENSE mode; QRESU weights are dequantized."""
-    for p in params:
-        if p.mode is ResuMode.RESU:
-            p._exit_resu_(True)
-            end_phase(p)  # as exit_resu_ does: no stale gradient or selective tag
-    if any(p.mode is ResuMode.QRESU for p in params):
-        from resu import exit_qresu_  # QRESU support lives with the quantized storage
-
-        exit_qresu_(model, commit=True)
+def _merge_theta_(p) -> None:
+    """θ becomes part of the weight: a RESU weight goes to DENSE mode; a QRESU one is dequantized first."""
+    if p.mode is ResuMode.RESU:
+        p._exit_resu_(True)
+    else:
+        p._exit_qresu_(True)
+    end_phase(p)  # as exit_resu_ / exit_qresu_ do: no stale gradient or selective tag
 
 
-def select_after_merge_(
-    model: nn.Module,
-    merged: list[tuple[str, Any, torch.Tensor]],
-    strategy: str,
-    *,
-    budget: float,
-    target_sparsity: Optional[float],
-    score_type: str,
-    calib: Optional[Iterable[Any]],
-    scope: str,
-    loss_fn: Optional[LossFn] = None,
-    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-    activation_norms_by_id: Optional[dict[int, torch.Tensor]] = None,
-) -> CommitStats:
-    """Choose and apply the next mask of weights whose θ is already merged (``merged`` holds
-    ``(name, parameter, pruned-before mask)``); the second half of :func:`commit_`."""
-    if calib is not None and not isinstance(calib, (list, tuple)):
-        calib = list(calib)  # may be read twice (scores)
-    scores = {}
-    if strategy != "simple":
-        scores = _scores(model, [p for _, p, _ in merged], score_type, calib, loss_fn, forward_fn, activation_norms_by_id)
-    totals = dict(resurrected=0, kept=0, before=0, after=0, churn=0, numel=0)
+def _choose_masks_(model, plan: _CommitPlan, merged, scores, calib, loss_fn, forward_fn) -> CommitStats:
+    """Choose and apply the next mask of the merged weights (``(name, parameter, pruned-before)``)."""
+    if plan.strategy.prunes and scores is None:
+        scores = _scores(model, plan, [p for _, p, _ in merged], calib, loss_fn, forward_fn)
     new_masks = []
-    for name, p, old in merged:
-        if strategy == "simple":
-            keep = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+    for _, p, old in merged:
+        if plan.strategy.prunes:
+            keep = _keep(plan, scores[id(p)], old)
         else:
-            keep = _tournament(scores[id(p)], old, strategy, budget, target_sparsity, scope)
+            keep = torch.ones(p.shape, dtype=torch.bool, device=p.device)
         new_masks.append((p, old, ~keep))
+    totals = dict(resurrected=0, kept=0, before=0, after=0, churn=0, numel=0)
     with torch.no_grad():
         for p, old, new in new_masks:
             p._apply_pruning_(new)
@@ -198,43 +208,42 @@ def select_after_merge_(
         n_active_kept=totals["kept"],
         resurrection_rate=totals["resurrected"] / totals["before"] if totals["before"] else 0.0,
         mask_churn=totals["churn"] / totals["numel"] if totals["numel"] else 0.0,
-        resurrection_budget=budget,
+        resurrection_budget=plan.budget,
         n_pruned_before=totals["before"],
         n_pruned_after=totals["after"],
         numel=totals["numel"],
     )
 
 
-def _tournament(scores, was_pruned, strategy, budget, target_sparsity, scope) -> torch.Tensor:
+def _keep(plan: _CommitPlan, scores: torch.Tensor, was_pruned: torch.Tensor) -> torch.Tensor:
+    """The slots that stay active: the strategy's choice per row (or per matrix with scope="global")."""
     shape = scores.shape
-    rows = scores.reshape(1, -1) if scope == "global" else scores.reshape(-1, shape[-1])
+    rows = scores.reshape(1, -1) if plan.scope == "global" else scores.reshape(-1, shape[-1])
     old = was_pruned.reshape(rows.shape)
-    if target_sparsity is None:
+    if plan.target_sparsity is None:
         n_keep = (~old).sum(dim=1)
     else:
-        n_keep = torch.full((rows.shape[0],), rows.shape[1] - n_to_prune(rows.shape[1], target_sparsity), device=rows.device)
-    if strategy == "amnesty":
-        keep = amnesty_keep(rows, old, n_keep, budget)
-    else:
-        keep = joint_keep(rows, n_keep)
-    return keep.view(shape)
+        n_active = rows.shape[1] - n_to_prune(rows.shape[1], plan.target_sparsity)
+        n_keep = torch.full((rows.shape[0],), n_active, device=rows.device)
+    return plan.strategy.keep(rows, old, n_keep, plan.budget).view(shape)
 
 
-def _scores(model, params, score_type, calib, loss_fn, forward_fn, norms=None) -> dict[int, torch.Tensor]:
-    if score_type == "magnitude":
+def _scores(model, plan: _CommitPlan, params, calib, loss_fn, forward_fn) -> Optional[dict[int, torch.Tensor]]:
+    """The scores ``plan`` ranks by, for every weight of ``params`` (by ``id``); None when it keeps all."""
+    if plan.scoring is None:
+        return None
+    if plan.scoring == "magnitude":
         return {id(p): magnitude_scores(p.effective_weight()) for p in params}
-    if score_type == "wanda":
-        if norms is None:
-            norms = activation_norms(model, {id(p): p for p in params}, calib, forward_fn, caller="commit_")
+    if plan.scoring == "wanda":
+        norms = activation_norms(model, {id(p): p for p in params}, calib, forward_fn, caller="commit_")
         return {id(p): wanda_scores(p.effective_weight(), norms[id(p)]) for p in params}
-    grads = _accumulated_grads(model, params, calib, loss_fn)
+    grads = _accumulated_grads(params, calib, loss_fn, model)
     return {id(p): gradient_scores(p.effective_weight(), grads[id(p)]) for p in params}
 
 
-def _accumulated_grads(model, params, calib, loss_fn) -> dict[int, torch.Tensor]:
+def _accumulated_grads(params, calib, loss_fn, model) -> dict[int, torch.Tensor]:
     """Loss gradients of ``params`` summed over ``calib`` (``.grad`` fields are not touched)."""
     sums = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}
-    n_batches = 0
     with torch.enable_grad():
         for batch in calib:
             loss = loss_fn(model, batch)
@@ -242,7 +251,4 @@ def _accumulated_grads(model, params, calib, loss_fn) -> dict[int, torch.Tensor]
             for p, g in zip(params, grads):
                 if g is not None:
                     sums[id(p)] += g.float()
-            n_batches += 1
-    if n_batches == 0:
-        raise ValueError("commit_: `calib` yielded no batches; gradient scores need at least one batch")
     return sums

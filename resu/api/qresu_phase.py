@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from resu.api.params import require_resu_parameters
-from resu.api.theta_phase import check_can_enter, check_selective, end_phase, initial_theta, weights_in_mode
-from resu.api.validation import check_nonnegative
+from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
+from resu.api.validation import check_int
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
+from resu.tensors.resu_parameter import ResuParameter
 
 
 def enter_qresu_(
@@ -48,25 +48,22 @@ def enter_qresu_(
 
     Raises:
         ValueError: bad ``bits``/``scheme``/``group_size``/``epsilon``, or a ResuParameter that is not
-            in SPARSE mode. The model is left unchanged.
+            in SPARSE mode. ``bits`` and ``group_size`` must be ints: ``4.0`` is refused. The model is
+            left unchanged (also when a step fails midway: the weights already changed are restored).
     """
+    check_int(bits, "bits", "enter_qresu_", choices=(4, 8))
+    check_int(group_size, "group_size", "enter_qresu_", minimum=1)
     check_format(bits, scheme, group_size, "enter_qresu_")
-    epsilon = check_nonnegative(epsilon, "epsilon", "enter_qresu_")
-    check_selective(selective, "enter_qresu_")
-    params = require_resu_parameters(model, "enter_qresu_")
-    check_can_enter(params, "enter_qresu_")
+    params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_qresu_")
     fmt = QuantFormat(bits, scheme, group_size)
     states = []
     with torch.no_grad():
         for _, p in params:
             weight = p.effective_weight()
-            qdata, scale, zero = quantize_active(weight, p._pruned_bool(), fmt)
+            qdata, scale, zero = quantize_active(weight, ~p.active_mask, fmt)
             theta = initial_theta(p, epsilon, generator).to(p.dtype)
             states.append(QuantizedState(qdata, scale, zero, theta, fmt))
-    for (_, p), state in zip(params, states):
-        p._enter_qresu_(state)
-        p._selective = selective
-        p.grad = None
+    start_phase_(params, states, ResuParameter._enter_qresu_, selective)
     return model
 
 

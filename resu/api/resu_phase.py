@@ -7,11 +7,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from resu.api.params import require_resu_parameters
-from resu.api.theta_phase import check_can_enter, check_selective, end_phase, initial_theta, weights_in_mode
-from resu.api.validation import check_nonnegative
+from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
 from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
+from resu.tensors.resu_parameter import ResuParameter
 
 
 def enter_resu_(
@@ -40,17 +39,12 @@ def enter_resu_(
 
     Raises:
         ValueError: a bad ``epsilon`` or ``selective``, or a ResuParameter without a mask (DENSE mode: call
-            :func:`resu.prune_` first) or already in RESU/QRESU mode. The model is left unchanged.
+            :func:`resu.prune_` first) or already in RESU/QRESU mode. The model is left unchanged
+            (also when a step fails midway: the weights already changed are restored).
     """
-    epsilon = check_nonnegative(epsilon, "epsilon", "enter_resu_")
-    check_selective(selective, "enter_resu_")
-    params = require_resu_parameters(model, "enter_resu_")
-    check_can_enter(params, "enter_resu_")
+    params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_resu_")
     thetas = [initial_theta(p, epsilon, generator) for _, p in params]
-    for (_, p), theta in zip(params, thetas):
-        p._enter_resu_(theta)
-        p._selective = selective
-        p.grad = None
+    start_phase_(params, thetas, ResuParameter._enter_resu_, selective)
     return model
 
 

@@ -13,22 +13,44 @@ from resu.tensors.resu_parameter import ResuParameter
 FilterFn = Callable[[str, nn.Module], bool]
 
 
-def _replace_parameter(old: nn.Parameter, new: nn.Parameter, owners: list) -> nn.Parameter:
-    """Put ``new`` where ``old`` is, keeping the Python object when possible.
+def _replace_parameter(old: nn.Parameter, new: nn.Parameter, owners: list) -> Callable[[], None]:
+    """Put ``new`` where ``old`` is, keeping the Python object when possible; returns the undo.
 
     ``torch.utils.swap_tensors`` swaps the two objects' contents, so an optimizer (or anything else)
     holding ``old`` sees the new parameter. When swapping is impossible (the old tensor is referenced
     from elsewhere in a way swap_tensors refuses), the modules get ``new`` by attribute assignment.
-    Returns the object that now holds the new parameter.
     """
+    grad = old.grad
     try:
         torch.utils.swap_tensors(old, new)
-        old.grad = None
-        return old
     except RuntimeError:
         for module, attr, _ in owners:
             setattr(module, attr, new)
-        return new
+
+        def undo_assignment() -> None:
+            for module, attr, _ in owners:
+                setattr(module, attr, old)
+
+        return undo_assignment
+    old.grad = None
+
+    def undo_swap() -> None:
+        torch.utils.swap_tensors(old, new)
+        old.grad = grad
+
+    return undo_swap
+
+
+def _replace_all(replacements: list) -> None:
+    """``_replace_parameter`` for every ``(old, new, owners)``: all of them, or none if one fails."""
+    undos = []
+    try:
+        for old, new, owners in replacements:
+            undos.append(_replace_parameter(old, new, owners))
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -107,9 +129,8 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
             f"parameter (a parametrization such as weight_norm, or an uninitialized lazy weight): {', '.join(skipped_other)}",
             stacklevel=2,
         )
-    for pid, w in plan.items():
-        new = nn.Parameter(ResuParameter.from_weight(w.data), requires_grad=w.requires_grad)
-        _replace_parameter(w, new, owners[pid])
+    new = {pid: nn.Parameter(ResuParameter.from_weight(w.data), requires_grad=w.requires_grad) for pid, w in plan.items()}
+    _replace_all([(w, new[pid], owners[pid]) for pid, w in plan.items()])
     return model
 
 
@@ -121,7 +142,7 @@ def densify_(model: nn.Module) -> nn.Module:
     swapped); a ResuAdamW built before restarts their states for the dense layout.
 
     Returns:
-        ``model`` itself.
+        ``model`` itself. All weights are replaced, or (when one replacement fails) none.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"densify_: `model` must be an nn.Module, got {type(model).__name__}")
@@ -132,6 +153,5 @@ def densify_(model: nn.Module) -> nn.Module:
             if isinstance(p, ResuParameter) and id(p) not in done:
                 done[id(p)] = nn.Parameter(p.effective_weight().clone(), requires_grad=p.requires_grad)
     by_id = {id(p): p for module in model.modules() for p in module._parameters.values() if p is not None}
-    for pid, new in done.items():
-        _replace_parameter(by_id[pid], new, owners[pid])
+    _replace_all([(by_id[pid], new, owners[pid]) for pid, new in done.items()])
     return model

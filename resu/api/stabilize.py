@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from resu.api.params import require_resu_parameters
+from resu.api.transaction import all_or_nothing
 from resu.prune.dsnot import input_gram_matrices, refine_mask
 from resu.tensors.mode import ResuMode
 
@@ -61,7 +62,8 @@ def stabilize_(
 
     Raises:
         ValueError: a bad ``max_rounds``, a reference of the wrong shape, no SPARSE weight, or
-            calibration batches that miss a weight. The model is left unchanged.
+            calibration batches that miss a weight or hold NaN/inf values. The model is left unchanged
+            (also when a step fails midway: every weight is restored).
     """
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 0:
         raise ValueError(f"stabilize_: `max_rounds` must be an integer >= 0, got {max_rounds!r}")
@@ -80,19 +82,20 @@ def stabilize_(
     for name, p in params:
         ref = reference.get(name)
         dense = (ref if ref is not None else p.effective_weight()).to(p.device)
-        old = p._pruned_bool().view(p.shape)
+        old = ~p.active_mask
         results.append(refine_mask(dense.reshape(-1, p.shape[-1]), old.reshape(-1, p.shape[-1]), grams[id(p)], max_rounds))
-    with torch.no_grad():
-        for (name, p), res in zip(params, results):
-            if res.n_swaps == 0:
-                continue
-            old = p._pruned_bool().view(p.shape)
+    changed = [(name, p, res) for (name, p), res in zip(params, results) if res.n_swaps]
+    with all_or_nothing(p for _, p, _ in changed), torch.no_grad():
+        for name, p, res in changed:
             new = res.pruned.view(p.shape)
             ref = reference.get(name)
-            revived = old & ~new
-            if ref is not None:
-                p._weight[revived] = ref.to(p.device, p.dtype)[revived]
+            revived_values = None
+            if ref is not None:  # a revived slot takes its value from before the pruning
+                revived = p.active_mask.logical_not_() & ~new
+                revived_values = torch.where(revived, ref.to(p.device, p.dtype), p.effective_weight())
             p._apply_pruning_(new)
+            if revived_values is not None:
+                p.copy_(revived_values)  # SPARSE: the newly pruned slots stay zero
             p.grad = None
     return StabilizeStats(
         n_swaps=sum(r.n_swaps for r in results),

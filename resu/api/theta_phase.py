@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from resu.api.params import require_resu_parameters
+from resu.api.transaction import all_or_nothing
+from resu.api.validation import check_generator, check_nonnegative, exit_function
 
 
 def active_std(p) -> float:
     """Standard deviation of the active values of ResuParameter ``p`` (0 with fewer than two)."""
-    active = p._gather_active(p.effective_weight()).float()
+    active = p.effective_weight()[p.active_mask].float()
     return float(active.std()) if active.numel() > 1 else 0.0
 
 
@@ -40,8 +44,9 @@ def check_can_enter(params, caller: str) -> None:
         if p.mode is ResuMode.DENSE:
             raise ValueError(f"{caller}: `{name}` has no mask; call resu.prune_(model, sparsity) first")
         if p.mode.trains_theta:
-            exit_fn = "exit_qresu_" if p.mode is ResuMode.QRESU else "exit_resu_"
-            raise ValueError(f"{caller}: `{name}` is already in {p.mode.name} mode; call resu.{exit_fn}(model) first")
+            raise ValueError(
+                f"{caller}: `{name}` is already in {p.mode.name} mode; call resu.{exit_function(p.mode)}(model) first"
+            )
 
 
 def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
@@ -49,8 +54,6 @@ def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
 
     A ValueError naming the fix when ``commit`` is not a bool or no weight is in ``mode``.
     """
-    from resu.api.params import require_resu_parameters
-
     if not isinstance(commit, bool):
         raise ValueError(f"{caller}: `commit` must be True or False, got {commit!r}")
     params = require_resu_parameters(model, caller)
@@ -58,6 +61,27 @@ def weights_in_mode(model, mode, commit, caller: str, enter_fn: str) -> list:
     if not found:
         raise ValueError(f"{caller}: no weight of `model` is in {mode.name} mode; call resu.{enter_fn}(model) first")
     return found
+
+
+def prepare_phase(model, epsilon, selective, generator, caller: str) -> tuple[list, float]:
+    """The checks every θ-phase entry makes before computing anything: ``epsilon``, ``selective``,
+    ``generator``, and every weight pruned and not in a θ phase yet. Returns ``(params, epsilon)``."""
+    epsilon = check_nonnegative(epsilon, "epsilon", caller)
+    check_selective(selective, caller)
+    check_generator(generator, caller)
+    params = require_resu_parameters(model, caller)
+    check_can_enter(params, caller)
+    return params, epsilon
+
+
+def start_phase_(params, states: list, enter: Callable, selective) -> None:
+    """Put every weight of ``params`` (``(name, parameter)`` pairs) in its θ phase with ``enter(p, state)``,
+    tagged with ``selective``; all or none of them (a failure midway restores the ones already entered)."""
+    with all_or_nothing(p for _, p in params):
+        for (_, p), state in zip(params, states):
+            enter(p, state)
+            p._selective = selective
+            p.grad = None
 
 
 def end_phase(p) -> None:

@@ -1,4 +1,9 @@
-"""Input-activation norms of Linear layers over calibration batches, for Wanda."""
+"""Statistics of the inputs of Linear layers over calibration batches, for the calibrated prune methods.
+
+A prune method declares the statistic it needs (see :data:`resu.prune.registry.STATISTICS`):
+``"input_sqnorm"`` (Σ x_j² per input feature, Wanda) or ``"gram"`` (Σ x xᵀ, SparseGPT, DSNoT);
+:func:`linear_input_statistics` computes it for every weight in one calibration pass.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ def accumulate_linear_inputs(
 
     A weight used by several Linear modules accumulates the inputs of all of them. The model runs in
     eval mode for the calibration pass and gets its training flags back after. Raises a ValueError
-    (prefixed by ``caller``) when ``calib`` is empty or a weight saw no input.
+    (prefixed by ``caller``) when ``calib`` is empty, a weight saw no input, or a layer's inputs held
+    NaN or infinite values (a mask chosen from them would be arbitrary).
     """
     forward_fn = forward_fn or default_forward
     totals: dict[int, torch.Tensor] = {}
@@ -50,8 +56,10 @@ def accumulate_linear_inputs(
 
         return hook
 
-    for module in model.modules():
+    layer_names: dict[int, str] = {}
+    for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module.weight) in params:
+            layer_names.setdefault(id(module.weight), name)
             handles.append(module.register_forward_hook(make_hook(id(module.weight))))
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -73,7 +81,35 @@ def accumulate_linear_inputs(
             f"{caller}: {len(missing)} sparsified weight(s) saw no input during calibration; make sure the "
             "calibration batches run every sparsified Linear layer"
         )
+    # Once per weight, after the pass: a non-finite input leaves a non-finite sum (squares and
+    # products of inf/NaN stay non-finite), so one check per total catches every batch.
+    for pid, total in totals.items():
+        if not bool(torch.isfinite(total).all()):
+            raise ValueError(
+                f"{caller}: the calibration inputs of layer `{layer_names[pid]}` hold NaN or infinite values; "
+                "a mask chosen from them would be arbitrary. Check the calibration batches (and the layers before it)"
+            )
     return totals
+
+
+_STATISTIC_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "input_sqnorm": lambda x: x.pow(2).sum(0),
+    "gram": lambda x: x.t() @ x,
+}
+
+
+def linear_input_statistics(
+    model: nn.Module,
+    params: dict[int, torch.Tensor],
+    statistic: str,
+    calib: Iterable[Any],
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    caller: str = "prune_",
+) -> dict[int, torch.Tensor]:
+    """The calibration ``statistic`` (a name of :data:`resu.prune.registry.STATISTICS`) of every weight in
+    ``params`` (keyed by ``id``): ``"input_sqnorm"`` gives Σ x_j² per input feature (shape ``(in,)``),
+    ``"gram"`` gives Σ x xᵀ (shape ``(in, in)``), both fp32, over all the ``calib`` batches."""
+    return accumulate_linear_inputs(model, params, calib, forward_fn, _STATISTIC_FNS[statistic], caller)
 
 
 def activation_norms(
@@ -85,5 +121,5 @@ def activation_norms(
 ) -> dict[int, torch.Tensor]:
     """L2 norm of every input feature of the Linear layers whose weight is in ``params`` (keyed by ``id``),
     over the ``calib`` batches (see :func:`accumulate_linear_inputs`)."""
-    sumsq = accumulate_linear_inputs(model, params, calib, forward_fn, lambda x: x.pow(2).sum(0), caller)
+    sumsq = linear_input_statistics(model, params, "input_sqnorm", calib, forward_fn, caller)
     return {pid: s.sqrt() for pid, s in sumsq.items()}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from resu.prune.calibration import accumulate_linear_inputs
+from resu.prune.calibration import linear_input_statistics
 
 _RELATIVE_TOLERANCE = 1e-6
 
@@ -48,7 +48,7 @@ def input_gram_matrices(
     :func:`resu.prune.calibration.default_forward`); the model runs in eval mode and gets its training
     flags back after.
     """
-    return accumulate_linear_inputs(model, params, calib, forward_fn, lambda x: x.t() @ x, "stabilize_")
+    return linear_input_statistics(model, params, "gram", calib, forward_fn, "stabilize_")
 
 
 @torch.no_grad()

@@ -42,8 +42,12 @@ class Registry(Generic[T]):
     def get(self, name: str, caller: str, argument: str) -> T:
         """The entry called ``name``; a ValueError naming ``caller``'s ``argument`` and the choices otherwise."""
         if not isinstance(name, str) or name not in self._entries:
-            raise ValueError(f"{caller}: {argument} must be one of {self.names()}, got {name!r}")
+            choices = ", ".join(map(repr, self.names()))
+            raise ValueError(f"{caller}: unknown `{argument}` {name!r}; expected one of {choices}")
         return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
@@ -87,8 +91,43 @@ class PruneMethod:
         return out if isinstance(out, PruneResult) else PruneResult(out)
 
 
+# keep(scores, was_pruned, n_keep, budget) -> keep: per row of the 2-D ``scores`` (higher is better),
+# the ``n_keep[i]`` slots that stay active; ``was_pruned`` marks the slots that held θ.
+KeepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CommitStrategy:
+    """A registered commit strategy: how the next mask is chosen once θ is merged.
+
+    ``keep`` is None for a strategy that keeps every merged slot (no scores, no target sparsity);
+    ``score_type`` forces the scores it ranks by (None: the caller's ``score_type``);
+    ``uses_budget``: it reserves the resurrection budget r(c) for resurrected slots.
+    """
+
+    name: str
+    keep: Optional[KeepFn]
+    score_type: Optional[str] = None
+    uses_budget: bool = False
+
+    @property
+    def prunes(self) -> bool:
+        """False for a strategy that keeps every merged slot."""
+        return self.keep is not None
+
+    def scoring(self, score_type: str) -> Optional[str]:
+        """The score type this strategy ranks by when the caller asks for ``score_type`` (None: no scores)."""
+        if not self.prunes:
+            return None
+        return self.score_type or score_type
+
+    def needs_calibration(self, score_type: str) -> bool:
+        """True when its scores need calibration batches (Wanda or gradient scores)."""
+        return self.scoring(score_type) in ("wanda", "gradient")
+
+
 PRUNE_METHODS: Registry[PruneMethod] = Registry("prune method")
-COMMIT_STRATEGIES: Registry = Registry("commit strategy")
+COMMIT_STRATEGIES: Registry[CommitStrategy] = Registry("commit strategy")
 
 
 def register_prune_method(name: str, *, statistic: Optional[str] = None) -> Callable[[PruneFn], PruneFn]:
@@ -101,3 +140,25 @@ def register_prune_method(name: str, *, statistic: Optional[str] = None) -> Call
         return fn
 
     return decorate
+
+
+def register_commit_strategy(
+    name: str, keep: Optional[KeepFn], *, score_type: Optional[str] = None, uses_budget: bool = False
+) -> CommitStrategy:
+    """Register commit strategy ``name`` (see :class:`CommitStrategy`); returns the entry."""
+    return COMMIT_STRATEGIES.add(name, CommitStrategy(name, keep, score_type, uses_budget))
+
+
+def parse_pattern(pattern, caller: str) -> Optional[tuple[int, int]]:
+    """``"N:M"`` as ``(n, m)`` with 0 < n < m (None stays None); a ValueError naming ``pattern`` otherwise."""
+    if pattern is None:
+        return None
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 < n < m:
+            return n, m
+    raise ValueError(
+        f"{caller}: `pattern` must be a string 'N:M' with 0 < N < M (prune N of every M consecutive inputs), "
+        f"such as '2:4', got {pattern!r}"
+    )

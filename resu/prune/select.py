@@ -57,3 +57,12 @@ def n_m_pruned(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     pruned = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
     pruned.scatter_(1, idx, True)
     return pruned.view(scores.shape)
+
+
+def select_pruned(scores: torch.Tensor, spec) -> torch.Tensor:
+    """The pruned slots a :class:`~resu.prune.registry.PruneSpec` asks for, lowest ``scores`` first:
+    ``n`` of every ``m`` consecutive inputs with an N:M ``spec.pattern``, else ``spec.sparsity`` per row
+    or per matrix (``spec.scope``)."""
+    if spec.pattern is not None:
+        return n_m_pruned(scores, *spec.pattern)
+    return lowest_scores(scores, spec.sparsity, spec.scope)

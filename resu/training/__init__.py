@@ -11,7 +11,7 @@ from resu.training.config import (
     densification_config,
     quick_test_config,
 )
-from resu.training.cycle import RESUCycle
+from resu.training.one_cycle import RESUCycle
 from resu.training.densification import DensificationTrainer, PauseConfig, PauseReason
 from resu.training.export import load_stats_json, save_stats_csv, save_stats_json
 from resu.training.stats import CycleStats

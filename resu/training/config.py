@@ -12,8 +12,9 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-PRUNING_METHODS = ("wanda", "magnitude", "random")
-COMMIT_STRATEGIES = ("amnesty", "wanda_reprune", "simple")
+import resu.prune  # noqa: F401  (registers the built-in prune methods and commit strategies)
+from resu.prune.registry import COMMIT_STRATEGIES, PRUNE_METHODS
+
 SCORE_TYPES = ("magnitude", "gradient", "wanda")
 PRUNING_SCOPES = ("row", "global")
 STABILIZE_METHODS = ("dsnot", "none")
@@ -192,8 +193,10 @@ class RESUConfig:
         self.selective_tau = _fraction(self.selective_tau, "selective_tau")
         self.selective_k_select_ratio = _fraction(self.selective_k_select_ratio, "selective_k_select_ratio")
         self.selective_k_screen_ratio = _fraction(self.selective_k_screen_ratio, "selective_k_screen_ratio")
-        if self.qresu_bits not in (4, 8) or isinstance(self.qresu_bits, bool):
-            raise ValueError(f"RESUConfig: `qresu_bits` must be 4 or 8, got {self.qresu_bits!r}")
+        bits = self.qresu_bits
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in (4, 8):  # 4.0 is not 4
+            raise ValueError(f"RESUConfig: `qresu_bits` must be the int 4 or 8, got {bits!r}")
+        self.qresu_bits = int(bits)
         _choice(self.qresu_scheme, "qresu_scheme", QRESU_SCHEMES)
         self.qresu_group_size = _count(self.qresu_group_size, "qresu_group_size", 1)
         if self.use_qresu and not self.freeze_active_during_resu:
@@ -201,11 +204,11 @@ class RESUConfig:
                 "RESUConfig: `use_qresu=True` keeps the active weights quantized and frozen; it needs "
                 "freeze_active_during_resu=True"
             )
-        _choice(self.commit_strategy, "commit_strategy", COMMIT_STRATEGIES)
+        _choice(self.commit_strategy, "commit_strategy", COMMIT_STRATEGIES.names())
         self.amnesty_r_start = _fraction(self.amnesty_r_start, "amnesty_r_start")
         self.amnesty_r_end = _fraction(self.amnesty_r_end, "amnesty_r_end")
         _choice(self.amnesty_score_type, "amnesty_score_type", SCORE_TYPES)
-        _choice(self.pruning_method, "pruning_method", PRUNING_METHODS)
+        _choice(self.pruning_method, "pruning_method", PRUNE_METHODS.names())
         _choice(self.pruning_scope, "pruning_scope", PRUNING_SCOPES)
         _choice(self.stabilize_method, "stabilize_method", STABILIZE_METHODS)
         self.calib_batches = _count(self.calib_batches, "calib_batches", 1)

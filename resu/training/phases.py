@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 import resu
-from resu.api.commit import CommitStats, commit_, select_after_merge_
+from resu.api.commit import CommitStats, commit_, commit_merged_
 from resu.api.params import resu_parameters
 from resu.api.stabilize import capture_reference, stabilize_
-from resu.prune.amnesty import resurrection_budget
+from resu.prune.registry import COMMIT_STRATEGIES, PRUNE_METHODS
 from resu.prune.select import n_to_prune
 from resu.tensors.mode import ResuMode
 from resu.training.config import RESUConfig
@@ -42,7 +42,7 @@ def pruned_masks(model: nn.Module) -> dict[int, torch.Tensor]:
     """The pruned slots of every ResuParameter (all False for DENSE ones), by ``id``."""
     out = {}
     for _, p in resu_parameters(model):
-        out[id(p)] = p._pruned_bool().view(p.shape).clone() if p.mode.has_mask else torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        out[id(p)] = ~p.active_mask
     return out
 
 
@@ -115,12 +115,13 @@ def prune_phase(
         run_pruner(pruner, model, sparsity)
         return True, reference
     method = config.pruning_method
+    needs_calib = PRUNE_METHODS.get(method, "RESUConfig", "pruning_method").statistic is not None
     resu.prune_(
         model,
         sparsity,
         method=method,
         scope=config.pruning_scope,
-        calib=calib() if method == "wanda" else None,
+        calib=calib() if needs_calib else None,
         forward_fn=forward_fn,
         generator=generator,
     )
@@ -141,30 +142,25 @@ def commit_phase(
     strategy = config.commit_strategy
     if strategy == "amnesty" and not config.use_amnesty:
         strategy = "reprune"  # the no-amnesty ablation: one joint ranking
-    scoring = "wanda" if strategy == "wanda_reprune" else config.amnesty_score_type
-    needs_calib = strategy != "simple" and scoring in ("wanda", "gradient")
-    kwargs = dict(
-        target_sparsity=None if strategy == "simple" else sparsity,
-        score_type=scoring,
-        calib=calib() if needs_calib else None,
+    entry = COMMIT_STRATEGIES.get(strategy, "RESUConfig", "commit_strategy")
+    score_type = config.amnesty_score_type
+    options = dict(
+        cycle=cycle,
+        num_cycles=config.num_cycles,
+        r_start=config.amnesty_r_start,
+        r_end=config.amnesty_r_end,
+        target_sparsity=sparsity if entry.prunes else None,
+        score_type=score_type,
+        calib=calib() if entry.needs_calibration(score_type) else None,  # drawn only when needed
         scope=config.pruning_scope,
         loss_fn=train_fn,
         forward_fn=forward_fn,
     )
     if was_pruned is None:
-        return commit_(
-            model,
-            strategy,
-            cycle=cycle,
-            num_cycles=config.num_cycles,
-            r_start=config.amnesty_r_start,
-            r_end=config.amnesty_r_end,
-            **kwargs,
-        )
+        return commit_(model, strategy, **options)
     # Active weights trained along (freeze_active_during_resu=False): the weights are DENSE already.
-    budget = resurrection_budget(min(cycle, config.num_cycles - 1), config.num_cycles, config.amnesty_r_start, config.amnesty_r_end)
     merged = [(name, p, was_pruned[name]) for name, p in resu_parameters(model) if name in was_pruned]
-    return select_after_merge_(model, merged, strategy, budget=budget if strategy == "amnesty" else 0.0, **kwargs)
+    return commit_merged_(model, merged, strategy, options)
 
 
 def stabilize_phase(

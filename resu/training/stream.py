@@ -63,18 +63,33 @@ class BatchStream:
         """Continue from ``state`` at the next :meth:`next` call."""
         self._pending = dict(state)
 
+    @property
+    def pending(self) -> bool:
+        """True while a loaded state has not been reached yet (no batch drawn since :meth:`load_state_dict`)."""
+        return self._pending is not None
+
     def _replay(self, state: dict) -> None:
-        self._pending = None
-        self.epoch = int(state["epoch"])
-        self._iterator = None
-        self.position = 0
-        if state["rng_at_epoch_start"] is None or state["position"] == 0:
+        """Reach ``state``'s position; a loader shorter than it raises a ValueError, and then the stream
+        keeps the pending state and the global RNG state is what it was."""
+        position = int(state["position"])
+        if state["rng_at_epoch_start"] is None or position == 0:
+            self._pending = None
+            self.epoch, self._iterator, self.position = int(state["epoch"]), None, 0
             return
         current = torch.get_rng_state()
-        torch.set_rng_state(state["rng_at_epoch_start"])
+        try:
+            torch.set_rng_state(state["rng_at_epoch_start"])
+            iterator = iter(self.loader)
+            for consumed in range(position):
+                try:
+                    next(iterator)
+                except StopIteration:
+                    raise ValueError(
+                        f"train_loader yields {consumed} batches per pass, but the saved position is batch {position} "
+                        "of a pass; resume with the loader the run was saved with"
+                    ) from None
+        finally:
+            torch.set_rng_state(current)
+        self._pending = None
+        self.epoch, self._iterator, self.position = int(state["epoch"]), iterator, position
         self._rng_at_epoch_start = state["rng_at_epoch_start"]
-        self._iterator = iter(self.loader)
-        for _ in range(int(state["position"])):
-            next(self._iterator)
-        self.position = int(state["position"])
-        torch.set_rng_state(current)

@@ -48,7 +48,7 @@ def enter_theta_mode_(model: nn.Module, config: RESUConfig, generator: torch.Gen
     resu.enter_resu_(model, epsilon=config.resu_epsilon, generator=generator)
     if config.freeze_active_during_resu:
         return None
-    was_pruned = {name: p._pruned_bool().view(p.shape).clone() for name, p in resu_parameters(model)}
+    was_pruned = {name: ~p.active_mask for name, p in resu_parameters(model)}
     resu.exit_resu_(model, commit=True)
     return was_pruned
 

@@ -11,18 +11,18 @@ import torch
 import torch.nn as nn
 
 from resu.training.callbacks import TrainerCallback
+from resu.training.checkpoint import STATE_VERSION, check_trainer_state, restored_on_error
 from resu.training.config import RESUConfig
-from resu.training.cycle import EvalFn, RESUCycle, TrainFn, check_training_args
-from resu.training.phases import ensure_sparsified
+from resu.training.one_cycle import RESUCycle
+from resu.training.setup import EvalFn, TrainFn, TrainingSetup
 from resu.training.stats import CycleStats
 from resu.training.stream import BatchStream
 
 logger = logging.getLogger("resu.training")
-_STATE_VERSION = 1
 
 
-class RESUTrainer:
-    """Runs RESU cycles (:class:`~resu.training.cycle.RESUCycle`) over a training loader.
+class RESUTrainer(TrainingSetup):
+    """Runs RESU cycles (:class:`~resu.training.one_cycle.RESUCycle`) over a training loader.
 
     Args:
         model: the model; a plain one is sparsified on the way in (:func:`resu.sparsify_`; the
@@ -44,25 +44,14 @@ class RESUTrainer:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: RESUConfig,
-        optimizer: torch.optim.Optimizer,
-        train_fn: TrainFn,
+        self, model: nn.Module, config: RESUConfig, optimizer: torch.optim.Optimizer, train_fn: TrainFn,
         eval_fn: Optional[EvalFn] = None,
         pruner: Any = None,
         stabilizer: Any = None,
         *,
         callbacks: Optional[Sequence[TrainerCallback]] = None,
     ):
-        check_training_args(model, config, optimizer, train_fn, eval_fn)
-        self.model = ensure_sparsified(model)
-        self.config = config
-        self.optimizer = optimizer
-        self.train_fn = train_fn
-        self.eval_fn = eval_fn
-        self.pruner = pruner
-        self.stabilizer = stabilizer
+        super().__init__(model, config, optimizer, train_fn, eval_fn, pruner, stabilizer)
         self.callbacks = list(callbacks or [])
         self.cycle = 0
         self.stats: list[CycleStats] = []
@@ -73,6 +62,8 @@ class RESUTrainer:
     # ------------------------------------------------------------------ running
     def _stream_for(self, loader: Iterable[Any]) -> BatchStream:
         if self._stream is None or self._stream.loader is not loader:
+            if self._stream is not None and self._stream.pending:  # a resume that never reached its batch
+                self._pending_stream_state = self._stream.state_dict()
             self._stream = BatchStream(loader)
             if self._pending_stream_state is not None:
                 self._stream.load_state_dict(self._pending_stream_state)
@@ -144,7 +135,7 @@ class RESUTrainer:
         states and the loader position. Save it with ``torch.save``."""
         stream_state = self._stream.state_dict() if self._stream is not None else self._pending_stream_state
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "cycle": self.cycle,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
@@ -157,17 +148,22 @@ class RESUTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next :meth:`train` continues where that run stopped."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError("RESUTrainer.load_state_dict: not a RESUTrainer state_dict (missing or unknown 'version')")
+        """Restore a :meth:`state_dict`; the next :meth:`train` continues where that run stopped.
+
+        All or nothing: every part is validated first (:func:`resu.training.checkpoint.check_trainer_state`),
+        and if loading the model or the optimizer still fails, both are put back and the trainer stays
+        where it was. Raises a ValueError naming the bad field.
+        """
+        stats = check_trainer_state(state, self.model, self.optimizer)
         if state["config"] != self.config.to_dict():
             warnings.warn(
                 "RESUTrainer.load_state_dict: the saved config differs from this trainer's; continuing with this one",
                 stacklevel=2,
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stats = [CycleStats.from_dict(d) for d in state["stats"]]
+        with restored_on_error(self.model, self.optimizer):
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.stats = stats
         self.cycle = int(state["cycle"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
