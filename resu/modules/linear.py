@@ -39,6 +39,7 @@ from resu.modules.mode import RESUMode
 from resu.optim.resu_adamw import ResuAdamW
 from resu.prune.scores import wanda_scores
 from resu.prune.select import lowest_scores
+from resu.tensors.layout import WritePolicy
 from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
 
@@ -80,7 +81,7 @@ class RESULinear(nn.Linear):
     @property
     def _mode(self) -> RESUMode:
         """The layer's :class:`RESUMode` (the weight's mode; QRESU_SELECTIVE when a selective config is attached)."""
-        return RESUMode.of(self.weight.mode, getattr(self.weight, "_selective", None))
+        return RESUMode.of(self.weight.mode, self.weight.layout.selective)
 
     @property
     def _mask(self) -> Optional[SparseMask]:
@@ -225,7 +226,7 @@ class RESULinear(nn.Linear):
             raise ValueError(f"RESULinear.enter_resu_mode: `stock_optimizer` must be True or False, got {stock_optimizer!r}")
         enter_resu_(self, epsilon, generator=generator)
         if stock_optimizer:
-            self.weight._stock_optimizer = True
+            self.weight.set_write_policy(WritePolicy.RESTORE_ACTIVE)
             self._add_phase_hook(densify_theta_grad)
 
     def exit_resu_mode(self, commit: bool = True) -> None:
@@ -341,7 +342,7 @@ class RESULinear(nn.Linear):
             handle.remove()
         self._phase_hooks = []
         self._selective_optimizer = None
-        self.weight.__dict__.pop("_stock_optimizer", None)
+        self.weight.set_write_policy(WritePolicy.REFUSE)
         self.weight.grad = None
 
 
