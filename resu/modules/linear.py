@@ -33,7 +33,7 @@ from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import sparsify_
 from resu.api.validation import check_fraction
-from resu.core.selective import SelectionConfig
+from resu.optim.selection_config import SelectionConfig
 from resu.modules.hooks import densify_theta_grad, drop_stale_weight_grad, selective_step_hook, share_grad_with_theta
 from resu.modules.mode import RESUMode
 from resu.optim.resu_adamw import ResuAdamW

@@ -13,7 +13,7 @@ class RESUMode(str, enum.Enum):
 
     The first four mirror :class:`resu.ResuMode` of the layer's weight (the values are the same
     strings, so ``RESUMode.RESU == resu.ResuMode.RESU``); ``QRESU_SELECTIVE`` is QRESU with a
-    :class:`~resu.core.selective.SelectionConfig` attached to the weight.
+    :class:`~resu.optim.selection_config.SelectionConfig` attached to the weight.
 
     - ``DENSE``: standard forward, no mask.
     - ``SPARSE``: pruned slots are exactly zero; active slots train.
