@@ -7,7 +7,7 @@ On CPU they run under ``TRITON_INTERPRET=1`` (set by conftest); on a GPU they ru
 import pytest
 import torch
 
-from resu.compile.masked_ops import gather_masked_reference
+from resu.compile.linear import gather_masked_reference
 from resu.optim.adamw_step import MaskedSlots, adamw_reference_
 from resu.tensors import mask as mask_ops
 

@@ -4,7 +4,7 @@ Everything about the op is in this file, top to bottom:
 
 1. the ops on plain tensors: schema, reference kernel (also the CPU and CUDA kernel: the work is a
    matmul, and θ lives in the weight's pruned slots, so the forward needs no gather or scatter) and
-   fake implementation;
+   fake implementation; and ``resu::gather_masked``, which the weight gradient uses;
 2. the autograd formula (``LinearFunction``);
 3. what the ops mean for a ResuParameter: the torch-function entry that routes ``F.linear`` to
    ``LinearFunction`` *above* autograd (so the backward formula is ours rather than aten's), and the
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from resu.compile.registry import LIB, define_op
+from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ATEN_OPS, TORCH_FUNCTIONS, ResuParameter, run_without_subclass
@@ -82,6 +83,46 @@ linear_weight_grad = define_op(
     "linear_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> Tensor",
     linear_weight_grad_reference,
     fake=_linear_weight_grad_fake,
+)
+
+
+# ``resu::gather_masked``: the pruned (or active) slots of a dense tensor as a compact vector; what
+# turns ``gradᵀ·x`` into θ's gradient. A custom op so that compiled backward graphs keep it opaque
+# (Inductor never sees Triton on a machine without a GPU); on CUDA with a bitmap mask it is the Triton
+# kernel of :mod:`resu.compile.triton_bitmap`, elsewhere the reference.
+def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    """The pruned (``select_pruned``) or active slots of ``src``, ascending flat order, as ``out_dtype``.
+
+    Reference implementation (every device; index encodings on CUDA too).
+    """
+    flat = src.reshape(-1)
+    if select_pruned:
+        out = mask_ops.gather_pruned(flat, storage, encoding, flat.numel(), n_pruned)
+    else:
+        out = mask_ops.gather_active(flat, storage, encoding, flat.numel(), n_pruned)
+    return out.to(out_dtype)
+
+
+def _gather_masked_cuda(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    if encoding != mask_ops.MaskEncoding.BITMAP:  # a str enum: compares with the op's string
+        return gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype)
+    from resu.compile.triton_bitmap import gather_bitmap
+
+    n_sel = n_pruned if select_pruned else src.numel() - n_pruned
+    return gather_bitmap(src.contiguous(), storage, n_sel, select_pruned, out_dtype)
+
+
+def _gather_masked_fake(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    n_sel = n_pruned if select_pruned else src.numel() - n_pruned
+    return src.new_empty((n_sel,), dtype=out_dtype)
+
+
+gather_masked = define_op(
+    "gather_masked(Tensor src, Tensor storage, str encoding, int n_pruned, bool select_pruned, "
+    "ScalarType out_dtype) -> Tensor",
+    gather_masked_reference,
+    fake=_gather_masked_fake,
+    cuda=_gather_masked_cuda,
 )
 
 

@@ -40,6 +40,24 @@ def adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2
     return w, m, v
 
 
+@triton.jit
+def _step_slots(
+    w_ptr, w_offs, g_ptr, g_offs, m_ptr, v_ptr, s_offs, sel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr,
+):
+    """Load, step and store the ``sel`` slots: weight at ``w_offs``, gradient at ``g_offs``, states at ``s_offs``."""
+    w = tl.load(w_ptr + w_offs, mask=sel, other=0).to(tl.float32)
+    g = tl.load(g_ptr + g_offs, mask=sel, other=0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_ptr + s_offs, mask=sel, other=0).to(tl.float32)
+    v = tl.load(v_ptr + s_offs, mask=sel, other=0).to(tl.float32)
+    w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+    tl.store(w_ptr + w_offs, w.to(w_ptr.dtype.element_ty), mask=sel)
+    tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
+    tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
+
+
 def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, weight_decay: float) -> tuple[float, float, float]:
     """(decay factor, step size, sqrt of the second bias correction) of one AdamW step."""
     return 1 - lr * weight_decay, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
@@ -57,16 +75,8 @@ def _compact_kernel(
         sel = sel & (tl.load(sel_ptr + offs, mask=sel, other=0) != 0)
     if SELECT == 2:
         sel = sel & (tl.load(sel_ptr + offs, mask=sel, other=-1) >= tl.load(thr_ptr))
-    w = tl.load(theta_ptr + offs, mask=sel, other=0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=sel, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + offs, mask=sel, other=0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=sel, other=0).to(tl.float32)
-    w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    tl.store(theta_ptr + offs, w.to(theta_ptr.dtype.element_ty), mask=sel)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=sel)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=sel)
+    _step_slots(theta_ptr, offs, g_ptr, offs, m_ptr, v_ptr, offs, sel,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
 
 
 def compact_adamw_triton_(
@@ -98,16 +108,8 @@ def _indexed_kernel(
     inb = offs < k
     pidx = tl.load(pidx_ptr + offs, mask=inb, other=0)
     gidx = tl.load(gidx_ptr + offs, mask=inb, other=0)
-    w = tl.load(param_ptr + pidx, mask=inb, other=0).to(tl.float32)
-    g = tl.load(g_ptr + gidx, mask=inb, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + offs, mask=inb, other=0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=inb, other=0).to(tl.float32)
-    w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    tl.store(param_ptr + pidx, w.to(param_ptr.dtype.element_ty), mask=inb)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=inb)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=inb)
+    _step_slots(param_ptr, pidx, g_ptr, gidx, m_ptr, v_ptr, offs, inb,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
 
 
 def indexed_adamw_triton_(
@@ -135,19 +137,12 @@ def _bitmap_kernel(
     offs, sel, rank = tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED, BLOCK)  # rank: compact index
     if BY_KEY:
         sel = sel & (tl.load(key_ptr + rank, mask=sel, other=-1) >= tl.load(thr_ptr))
-    w = tl.load(w_ptr + offs, mask=sel, other=0).to(tl.float32)
     if GRAD_COMPACT:
-        g = tl.load(g_ptr + rank, mask=sel, other=0).to(tl.float32)
+        g_offs = rank
     else:
-        g = tl.load(g_ptr + offs, mask=sel, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + rank, mask=sel, other=0).to(tl.float32)
-    v = tl.load(v_ptr + rank, mask=sel, other=0).to(tl.float32)
-    w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=sel)
-    tl.store(m_ptr + rank, m.to(m_ptr.dtype.element_ty), mask=sel)
-    tl.store(v_ptr + rank, v.to(v_ptr.dtype.element_ty), mask=sel)
+        g_offs = offs
+    _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
 
 
 def bitmap_adamw_triton_(

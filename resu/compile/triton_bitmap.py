@@ -10,7 +10,7 @@ one pass over the weight with no index tensor of size n_pruned ever built.
 
 This module imports Triton; it is only imported by the CUDA kernel registrations and by tests (which
 run it on CPU under ``TRITON_INTERPRET=1``). Each kernel has a plain-PyTorch reference in
-:mod:`resu.compile.masked_ops`.
+:mod:`resu.compile.linear` (``gather_masked``) and :mod:`resu.optim.adamw_step`.
 """
 
 from __future__ import annotations

@@ -48,6 +48,11 @@ __all__ = ["RESULinear", "RESUMode"]
 _PRUNE_FIRST = "call layer.prune_by_magnitude(sparsity) or layer.prune_by_wanda(...) first"
 
 
+def _qresu_inner(name: str, doc: str) -> property:
+    """A read-only layer property: the weight's inner tensor ``name`` in QRESU mode, else None."""
+    return property(lambda self: getattr(self.weight, name) if self.weight.mode is ResuMode.QRESU else None, doc=doc)
+
+
 class RESULinear(nn.Linear):
     """Drop-in ``nn.Linear`` with RESU / QRESU support (seed 000's ``resu.modules.linear.RESULinear``).
 
@@ -88,27 +93,18 @@ class RESULinear(nn.Linear):
         """The weight's :class:`~resu.core.mask.SparseMask` (read-only view), None while DENSE."""
         return self.weight.mask
 
-    @property
-    def _theta(self) -> Optional[torch.Tensor]:
-        """QRESU: the flat θ vector itself (``(n_pruned,)``, ascending pruned-slot order), trainable by
-        ``torch.optim.Adam([layer._theta])`` in QRESU mode. None in the other modes (in RESU mode θ lives
-        in the pruned slots of ``weight``)."""
-        return self.weight._theta if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _W_A_quantized(self) -> Optional[torch.Tensor]:
-        """QRESU: the frozen active weights' codes (uint8, flat; packed two per byte at 4 bits), else None."""
-        return self.weight._qdata if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _qscale(self) -> Optional[torch.Tensor]:
-        """QRESU: the quantization scales (shape set by the scheme), else None."""
-        return self.weight._qscale if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _qzero(self) -> Optional[torch.Tensor]:
-        """QRESU: the quantization zero points (shape of the scales), else None."""
-        return self.weight._qzero if self.weight.mode is ResuMode.QRESU else None
+    # QRESU storage of the weight under the seed API's names; None in the other modes.
+    _theta = _qresu_inner(
+        "_theta",
+        "QRESU: the flat θ vector itself (``(n_pruned,)``, ascending pruned-slot order), trainable by "
+        "``torch.optim.Adam([layer._theta])`` in QRESU mode. None in the other modes (in RESU mode θ lives "
+        "in the pruned slots of ``weight``).",
+    )
+    _W_A_quantized = _qresu_inner(
+        "_qdata", "QRESU: the frozen active weights' codes (uint8, flat; packed two per byte at 4 bits), else None."
+    )
+    _qscale = _qresu_inner("_qscale", "QRESU: the quantization scales (shape set by the scheme), else None.")
+    _qzero = _qresu_inner("_qzero", "QRESU: the quantization zero points (shape of the scales), else None.")
 
     @property
     def _activation_norms(self) -> Optional[torch.Tensor]:

@@ -28,9 +28,6 @@ from resu.compile import registry
 from resu.compile.adamw_math import adamw_update_
 from resu.tensors import mask_kernels as mask_ops
 
-_BITMAP = mask_ops.MaskEncoding.BITMAP
-
-
 @dataclasses.dataclass(frozen=True)
 class MaskedSlots:
     """The slots of the dense ``weight`` that a mask selects: pruned (``pruned=True``) or active."""
@@ -125,21 +122,17 @@ def adamw_step_(
     *,
     selection: Selection = ALL,
     max_exp_avg_sq: Optional[torch.Tensor] = None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
+    **hyper,
 ) -> None:
     """One AdamW step (decoupled weight decay, ``step`` counting from 1) on the selected slots, in place.
 
-    ``grad`` is compact (one value per slot), or weight-shaped for a :class:`MaskedSlots` target.
-    Slots outside the selection, and their states, are never written; weight decay applies only to
-    updated slots. ``max_exp_avg_sq`` (AMSGrad) runs the reference.
+    ``grad`` is compact (one value per slot), or weight-shaped for a :class:`MaskedSlots` target;
+    ``hyper`` are the keyword hyperparameters of :func:`resu.compile.adamw_math.adamw_update_` (``lr``,
+    ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``maximize``). Slots outside the selection, and
+    their states, are never written; weight decay applies only to updated slots. ``max_exp_avg_sq``
+    (AMSGrad) runs the reference.
     """
     _check(target, grad, exp_avg, exp_avg_sq, selection)
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
     kernel = _triton_kernel(target, grad, exp_avg, exp_avg_sq, selection, max_exp_avg_sq)
     if kernel is None:
         adamw_reference_(target, grad, exp_avg, exp_avg_sq, step, selection=selection,
@@ -183,7 +176,7 @@ def _triton_kernel(target, grad, exp_avg, exp_avg_sq, selection, max_exp_avg_sq)
         return _indexed
     if not isinstance(target, MaskedSlots):
         return _compact
-    if target.encoding is _BITMAP and selection.kind in ("all", "key"):
+    if target.encoding is mask_ops.MaskEncoding.BITMAP and selection.kind in ("all", "key"):
         return _bitmap
     if selection.kind == "key":
         return _gathered_compact  # index-encoded masks: θ gathered, stepped by the compact kernel, scattered

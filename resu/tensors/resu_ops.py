@@ -4,7 +4,7 @@ Entries of its two tables: ``p[i] = v`` and ``p.data = t`` (torch functions, cau
 and the aten ops ``detach``/``clone``/``_to_copy`` (keep the subclass), ``copy_`` (what
 ``load_state_dict`` calls: adopts mode and mask), read-only ops (run on the effective dense weight),
 and the fallback for everything else. The ``resu::`` ops register their own entries in their files
-(:mod:`resu.compile.linear`, :mod:`resu.compile.masked_ops`).
+(:mod:`resu.compile.linear`).
 """
 
 from __future__ import annotations

@@ -423,5 +423,4 @@ torch.serialization.add_safe_globals([ResuParameter, _rebuild_resu_parameter])
 # The handlers: generic aten ops, then each resu op in its own file (they import this module).
 import resu.tensors.resu_ops  # noqa: E402,F401
 import resu.compile.linear  # noqa: E402,F401
-import resu.compile.masked_ops  # noqa: E402,F401
 import resu.compile.qlinear  # noqa: E402,F401
