@@ -239,12 +239,6 @@ class ResuParameter(torch.Tensor):
         self.set_write_policy(WritePolicy.RESTORE_ACTIVE if on else WritePolicy.REFUSE)
 
     # ------------------------------------------------------------------ internal helpers
-    @property
-    def _quant(self) -> Optional[QuantizedState]:
-        if self._layout.qformat is None:
-            return None
-        return QuantizedState(self._qdata, self._qscale, self._qzero, self._theta, self._layout.qformat)
-
     def _mask_args(self) -> tuple:
         """``(storage, encoding, numel, n_pruned)``: what the mask kernels take."""
         return self._mask_storage, self._layout.encoding, self.numel(), self.n_pruned
