@@ -228,13 +228,7 @@ class RESULinear(nn.Linear):
     def exit_resu_mode(self, commit: bool = True) -> None:
         """Leave RESU mode: ``commit=True`` keeps θ in the weight (DENSE mode, mask dropped); ``commit=False``
         zeroes the pruned slots again (SPARSE mode). The phase's hooks are removed."""
-        caller = "RESULinear.exit_resu_mode"
-        _check_commit(commit, caller)
-        if self.weight.mode is not ResuMode.RESU:
-            hint = "use layer.exit_qresu_mode()" if self.weight.mode is ResuMode.QRESU else "call layer.enter_resu_mode() first"
-            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not RESU; {hint}")
-        self._end_phase()
-        exit_resu_(self, commit=commit)
+        self._leave_phase(ResuMode.RESU, commit, exit_resu_)
 
     # ------------------------------------------------------------------ QRESU
     def enter_qresu_mode(
@@ -312,15 +306,21 @@ class RESULinear(nn.Linear):
         """Leave QRESU / QRESU-Selective mode: dequantize the active weights into a dense weight with θ merged
         (``commit=True``, DENSE mode) or zeroed (``commit=False``, SPARSE mode). Hooks and the selective
         optimizer are dropped."""
-        caller = "RESULinear.exit_qresu_mode"
-        _check_commit(commit, caller)
-        if self.weight.mode is not ResuMode.QRESU:
-            hint = "use layer.exit_resu_mode()" if self.weight.mode is ResuMode.RESU else "call layer.enter_qresu_mode() first"
-            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not QRESU; {hint}")
-        self._end_phase()
-        exit_qresu_(self, commit=commit)
+        self._leave_phase(ResuMode.QRESU, commit, exit_qresu_)
 
     # ------------------------------------------------------------------ phase bookkeeping
+    def _leave_phase(self, mode: ResuMode, commit: bool, exit_fn) -> None:
+        """``exit_resu_mode`` / ``exit_qresu_mode``: check the layer is in ``mode``, drop the phase's hooks, exit."""
+        name, other = ("resu", "qresu") if mode is ResuMode.RESU else ("qresu", "resu")
+        caller = f"RESULinear.exit_{name}_mode"
+        _check_commit(commit, caller)
+        if self.weight.mode is not mode:
+            in_other = self.weight.mode is ResuMode(other)
+            hint = f"use layer.exit_{other}_mode()" if in_other else f"call layer.enter_{name}_mode() first"
+            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not {mode.name}; {hint}")
+        self._end_phase()
+        exit_fn(self, commit=commit)
+
     def _check_can_enter(self, method: str) -> None:
         mode = self.weight.mode
         if mode is ResuMode.DENSE:

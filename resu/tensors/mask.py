@@ -34,6 +34,16 @@ class MaskStats:
 _STATE_KEYS = ("shape", "n_pruned", "encoding", "storage")
 
 
+def _pruned_of_dense(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """True at pruned slots of a dense keep-mask (bool, or 0/1 values); a ValueError naming ``name`` otherwise."""
+    if mask.dtype == torch.bool:
+        return ~mask
+    pruned = mask == 0
+    if mask.numel() and not bool((pruned | (mask == 1)).all()):
+        raise ValueError(f"{name} must be boolean or contain only 0 and 1")
+    return pruned
+
+
 class SparseMask:
     """Pruning mask of a weight, stored in the smallest of three encodings.
 
@@ -155,13 +165,7 @@ class SparseMask:
         if not isinstance(mask, torch.Tensor):
             raise ValueError(f"mask must be a tensor, got {type(mask).__name__}")
         _check_numel(mask.numel(), f"shape {tuple(mask.shape)}")
-        if mask.dtype == torch.bool:
-            pruned = ~mask
-        else:
-            pruned = mask == 0
-            if mask.numel() and not bool((pruned | (mask == 1)).all()):
-                raise ValueError("mask must be boolean or contain only 0 and 1")
-        return cls._from_pruned_bool(pruned, tuple(mask.shape))
+        return cls._from_pruned_bool(_pruned_of_dense(mask, "mask"), tuple(mask.shape))
 
     @classmethod
     def from_magnitude(
@@ -379,13 +383,7 @@ class SparseMask:
                 f"new_dense_mask has shape {tuple(new_dense_mask.shape)} "
                 f"but the mask has shape {self._shape}"
             )
-        dense = new_dense_mask.to(self.device)
-        if dense.dtype == torch.bool:
-            pruned = ~dense
-        else:
-            pruned = dense == 0
-            if dense.numel() and not bool((pruned | (dense == 1)).all()):
-                raise ValueError("new_dense_mask must be boolean or contain only 0 and 1")
+        pruned = _pruned_of_dense(new_dense_mask.to(self.device), "new_dense_mask")
         new = SparseMask._from_pruned_bool(pruned, self._shape, self._adaptive)
         if not inplace:
             return new
