@@ -75,8 +75,11 @@ def test_old_private_names_read_the_spec_and_writes_go_through_it():
     )
     layout_id = p.layout.layout_id
     p._selective = None
+    assert p.layout.selective is None and p.layout.layout_id == layout_id
+    p.set_selective(SelectionConfig(strategy="magnitude"))
     p.set_write_policy(WritePolicy.RESTORE_ACTIVE)
-    assert p.layout.selective is None and p._stock_optimizer and p.layout.layout_id == layout_id
+    assert p._selective.strategy == "magnitude" and p.layout.write_policy is WritePolicy.RESTORE_ACTIVE
+    assert p.layout.layout_id == layout_id  # same slot set: optimizer states are kept
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,12 @@ class ResuParameter(torch.Tensor):
         """
         self._layout = self._layout.replace(write_policy=WritePolicy(policy))
 
+    def set_selective(self, config) -> None:
+        """Tag this weight with a RESU-Selective config (a :class:`~resu.optim.selection_config.SelectionConfig`,
+        or None to clear it); :class:`resu.ResuAdamW` honours it in groups without their own ``selective``.
+        The slot set, and so the optimizer states, are unchanged."""
+        self._layout = self._layout.replace(selective=config)
+
     # ------------------------------------------------------------------ layout fields, by their old names
     # Read-only views of the spec, kept because code outside resu.tensors reads them.
     _mode = property(lambda self: self._layout.mode)
@@ -227,16 +233,7 @@ class ResuParameter(torch.Tensor):
 
     @_selective.setter
     def _selective(self, config) -> None:
-        self._layout = self._layout.replace(selective=config)
-
-    @property
-    def _stock_optimizer(self) -> bool:
-        """True when in-place writes restore the active slots (``layout.write_policy``)."""
-        return self._layout.write_policy is WritePolicy.RESTORE_ACTIVE
-
-    @_stock_optimizer.setter
-    def _stock_optimizer(self, on: bool) -> None:
-        self.set_write_policy(WritePolicy.RESTORE_ACTIVE if on else WritePolicy.REFUSE)
+        self.set_selective(config)
 
     # ------------------------------------------------------------------ internal helpers
     def _mask_args(self) -> tuple:
