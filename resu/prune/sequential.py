@@ -214,21 +214,34 @@ def sequential_prune_(
     if found is None:
         return whole_model_prune_(model, method, spec, calib, forward_fn=forward_fn, order=order)
     forward_fn = forward_fn or default_forward
-    done: set[int] = set()
+    per_block = _targets_per_block(found, targets)
+    last = max((i for i, here in enumerate(per_block) if here), default=-1)
     with _eval_mode(model), torch.no_grad():
-        inputs = capture_block_inputs(model, found[0], calib, forward_fn)
-        for block in found:
-            inside = {id(m) for m in block.modules()}
-            here = [t for t in targets if id(t.param) not in done and any(id(m) in inside for m in t.modules)]
-            done.update(id(t.param) for t in here)
-            _calibrate_and_prune(here, pm, spec, lambda: _replay(block, inputs), order, caller)
-            for i, inp in enumerate(inputs):  # the pruned block's outputs feed the next block
-                inputs[i] = inp.with_hidden(block_output(block(*inp.args, **inp.kwargs)))
+        inputs = capture_block_inputs(model, found[0], calib, forward_fn) if last >= 0 else []
+        for i in range(last + 1):  # blocks after the last one with a weight to prune are not run
+            block = found[i]
+            _calibrate_and_prune(per_block[i], pm, spec, lambda: _replay(block, inputs), order, caller)
+            if i < last:
+                for b, inp in enumerate(inputs):  # the pruned block's outputs feed the next block
+                    inputs[b] = inp.with_hidden(block_output(block(*inp.args, **inp.kwargs)))
         del inputs
+    done = {id(t.param) for here in per_block for t in here}
     rest = [t.param for t in targets if id(t.param) not in done]
     if rest:
         whole_model_prune_(model, method, spec, calib, forward_fn=forward_fn, order=order, only=rest)
     return model
+
+
+def _targets_per_block(blocks: list[nn.Module], targets: list[_Target]) -> list[list[_Target]]:
+    """The targets used inside each block (a weight shared by several blocks goes with the first)."""
+    taken: set[int] = set()
+    per_block = []
+    for block in blocks:
+        inside = {id(m) for m in block.modules()}
+        here = [t for t in targets if id(t.param) not in taken and any(id(m) in inside for m in t.modules)]
+        taken.update(id(t.param) for t in here)
+        per_block.append(here)
+    return per_block
 
 
 def _replay(block: nn.Module, inputs: list[BlockInputs]) -> None:

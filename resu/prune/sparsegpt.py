@@ -66,7 +66,7 @@ def _block_count(per_column: int, sparsity: float, start: int, stop: int) -> int
 def _select_block(saliency: torch.Tensor, k: int, scope: str) -> torch.Tensor:
     """Bool mask (saliency's shape) of the ``k`` lowest saliencies per row (``scope="row"``), or of the
     ``k`` lowest over the whole block (``scope="global"``, k counts all rows)."""
-    pruned = torch.zeros_like(saliency, dtype=torch.bool)
+    pruned = torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device)
     if k <= 0:
         return pruned
     if scope == "global":
@@ -140,31 +140,33 @@ def sparsegpt_prune(
     per_column = rows if scope == "global" else 1
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
-        w_blk = w[:, start:stop].clone()
+        # The block is held transposed (columns × rows) so that each column is contiguous in memory.
+        w_t = w[:, start:stop].T.contiguous()
         u_blk = u[start:stop, start:stop]
-        d = u_blk.diagonal()
-        err_blk = torch.zeros_like(w_blk)
+        inv_d = 1.0 / u_blk.diagonal()
+        err_t = torch.empty_like(w_t)
         if pattern is None:
             k = _block_count(per_column, sparsity, start, stop)
-            mask_blk = _select_block(w_blk.pow(2) / d.pow(2), k, scope)
+            mask_t = _select_block(w_t.T.pow(2) * inv_d.pow(2), k, scope).T.contiguous()
+            # err_j = (w_j − q_j) / U_jj: the pruned entries of w_j, divided by U_jj
+            err_scale = mask_t * inv_d.unsqueeze(1)
         else:
-            mask_blk = torch.zeros_like(w_blk, dtype=torch.bool)
+            mask_t = torch.zeros_like(w_t, dtype=torch.bool)
+            err_scale = torch.zeros_like(w_t)
         for j in range(stop - start):
             if pattern is not None and j % pattern[1] == 0:
                 group = slice(j, j + pattern[1])
-                sal = w_blk[:, group].pow(2) / d[group].pow(2)
-                mask_blk[:, group] = _select_block(sal, pattern[0], "row")
-            col = w_blk[:, j]
-            q = torch.where(mask_blk[:, j], torch.zeros_like(col), col)
-            err = (col - q) / d[j]
-            # OBS: the remaining columns of this block absorb the error of column j.
-            w_blk[:, j:] -= err.unsqueeze(1) * u_blk[j, j:].unsqueeze(0)
-            w_blk[:, j] = q
-            err_blk[:, j] = err
-        w[:, start:stop] = w_blk
-        pruned[:, start:stop] = mask_blk
+                sal = (w_t[group].pow(2) * inv_d[group].pow(2).unsqueeze(1)).T
+                mask_t[group] = _select_block(sal, pattern[0], "row").T
+                err_scale[group] = mask_t[group] * inv_d[group].unsqueeze(1)
+            torch.mul(w_t[j], err_scale[j], out=err_t[j])
+            # OBS: column j and the remaining columns of the block absorb column j's error
+            # (column j itself becomes its pruned value q_j up to rounding; pruned slots are zeroed below).
+            w_t[j:].addr_(u_blk[j, j:], err_t[j], alpha=-1.0)
+        w[:, start:stop] = w_t.T
+        pruned[:, start:stop] = mask_t.T
         # Lazy batch update: the later columns absorb the whole block's error at once.
-        w[:, stop:] -= err_blk @ u[start:stop, stop:]
+        w[:, stop:] -= err_t.T @ u[start:stop, stop:]
     w[pruned] = 0.0
     return PruneResult(pruned, w)
 
