@@ -254,3 +254,30 @@ def test_a_failing_method_names_the_layer():
         model.model.layers[1].mlp.up_proj.weight.copy_(torch.full((128, 64), float("nan")))
     with pytest.raises(RuntimeError, match=r"`model\.layers\.1\.mlp\.(up|down)_proj\.weight`"):
         sequential_prune_(model, "sparsegpt", 0.5, _calib())
+
+
+def test_one_gram_alive_at_a_time_and_one_per_distinct_input(monkeypatch):
+    import resu.prune.sequential as sequential
+
+    created, alive, peak = [], set(), [0]
+
+    class Tracked(sequential.InputStatistic):
+        def __init__(self, name, modules):
+            super().__init__(name, modules)
+            created.append(self)
+
+        def _hook(self, module, inputs, output):
+            super()._hook(module, inputs, output)
+            alive.update(s for s in created if s.value is not None)
+            alive.difference_update(s for s in created if s.value is None)
+            peak[0] = max(peak[0], len(alive))
+
+    monkeypatch.setattr(sequential, "InputStatistic", Tracked)
+    model = _llama()
+    sequential_prune_(model, "sparsegpt", PruneSpec(0.5), _calib())
+    assert peak[0] == 1
+    # per Llama block: q/k/v share one input, gate/up another, o_proj and down_proj one each; then lm_head
+    assert len(created) == 2 * 4 + 1
+    block0 = created[:4]
+    assert [len(s.modules) for s in block0] == [1, 1, 1, 1]
+    assert block0[0].modules[0] is model.model.layers[0].self_attn.q_proj

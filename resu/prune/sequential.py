@@ -15,7 +15,9 @@ Memory held at once:
   - one block's inputs for every calibration batch (tokens × hidden, in the model's dtype, plus the
     small per-batch kwargs); outputs replace inputs batch by batch, so one extra batch at a time;
   - statistics: one Gram matrix (in × in, fp32) at a time: a ``"gram"`` method replays the block once
-    per weight; ``"input_sqnorm"`` vectors are tiny, so one replay serves every weight of the block;
+    per distinct Linear input (4 times for a Llama block: q/k/v share one, gate/up another, o and down
+    one each), and the Gram of a shared input serves every weight reading it; ``"input_sqnorm"``
+    vectors are tiny, so one replay serves every weight of the block;
   - with ``order="parallel"`` (the default), the prune results of the block's weights until the whole
     block is calibrated (one fp32 copy of each reconstructed weight, and its bool mask).
 
@@ -88,43 +90,77 @@ def _run_method(pm: PruneMethod, target: _Target, stat: Optional[torch.Tensor], 
         raise renamed from exc
 
 
+def _shared_input_groups(targets: list[_Target], replay: Callable[[Optional[int]], None]) -> list[list[_Target]]:
+    """``targets`` grouped by the input tensor their Linear modules receive (q/k/v projections read the
+    same normed hidden states; gate/up projections too), found by replaying one calibration batch.
+
+    The probe keeps the input tensors alive while it runs, so two different inputs cannot share an id.
+    A target that saw no input in the probe is a group of its own.
+    """
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(targets))}
+    handles = []
+    for i, t in enumerate(targets):
+        for module in t.modules:
+            handles.append(module.register_forward_hook(lambda m, inp, out, i=i: seen[i].append(inp[0])))
+    try:
+        replay(1)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, list[_Target]] = {}
+    for i, t in enumerate(targets):
+        key = tuple(id(x) for x in seen[i]) or ("no input", i)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
 def _calibrate_and_prune(
     targets: list[_Target],
     pm: PruneMethod,
     spec: PruneSpec,
-    replay: Callable[[], None],
+    replay: Callable[[Optional[int]], None],
     order: str,
     caller: str,
 ) -> None:
-    """Prune ``targets``; ``replay()`` runs the calibration inputs through the modules that use them.
+    """Prune ``targets``; ``replay(n)`` runs the first ``n`` (None: all) calibration inputs through the
+    modules that use them.
 
-    A ``"gram"`` method replays once per weight so that one Gram matrix is alive at a time; an
-    ``"input_sqnorm"`` method replays once for all. ``order="parallel"`` calibrates every target on
-    the unpruned modules and applies the results at the end; ``"sequential"`` applies each result
-    before the next target is calibrated.
+    An ``"input_sqnorm"`` method in parallel order replays once for all targets (the vectors are tiny).
+    Otherwise the targets are grouped by shared input, and each group replays once and accumulates one
+    statistic, which is freed before the next group's: one Gram matrix is alive at a time.
+    ``order="parallel"`` calibrates every target on the unpruned modules and applies the results at the
+    end; ``"sequential"`` applies each group's results before the next group is calibrated.
     """
     if pm.statistic is None:
         for t in targets:
             apply_prune_result_(t.param, _run_method(pm, t, None, spec, caller))
         return
-    groups = [targets] if pm.statistic == "input_sqnorm" and order == "parallel" else [[t] for t in targets]
+    if not targets:
+        return
+    if pm.statistic == "input_sqnorm" and order == "parallel":
+        groups = [[t] for t in targets]
+        passes = [groups]
+    else:
+        passes = [[group] for group in _shared_input_groups(targets, replay)]
     pending: list[tuple[_Target, PruneResult]] = []
-    for group in groups:
-        stats = [InputStatistic(pm.statistic, t.modules) for t in group]
+    for groups in passes:
+        # one statistic per group, accumulated on the group's first target (the others share its input)
+        stats = [InputStatistic(pm.statistic, group[0].modules) for group in groups]
         for s in stats:
             s.__enter__()
         try:
-            replay()
+            replay(None)
         finally:
             for s in stats:
                 s.__exit__()
-        for t, s in zip(group, stats):
-            result = _run_method(pm, t, s.value, spec, caller)
+        for group, s in zip(groups, stats):
+            results = [(t, _run_method(pm, t, s.value, spec, caller)) for t in group]
             s.value = None  # free the statistic before the next one is accumulated
             if order == "sequential":
-                apply_prune_result_(t.param, result)
+                for t, result in results:
+                    apply_prune_result_(t.param, result)
             else:
-                pending.append((t, result))
+                pending += results
     for t, result in pending:
         apply_prune_result_(t.param, result)
 
@@ -142,7 +178,7 @@ def whole_model_prune_(
     """Calibrate with hooks over whole-model forwards and prune (the fallback of :func:`sequential_prune_`).
 
     ``only``: restrict to these ResuParameters (default: all of the model's). Holds one Gram matrix at
-    a time (one pass over ``calib`` per weight for a ``"gram"`` method).
+    a time (one pass over ``calib`` per distinct Linear input for a ``"gram"`` method).
     """
     caller = "whole_model_prune_"
     pm = PRUNE_METHODS.get(method, caller, "method")
@@ -155,8 +191,8 @@ def whole_model_prune_(
         raise ValueError(f"{caller}: method {method!r} needs calibration data; pass calib=<non-empty iterable of batches>")
     run = forward_fn or default_forward
 
-    def replay() -> None:
-        for batch in calib:
+    def replay(n_batches: Optional[int]) -> None:
+        for batch in calib[:n_batches]:
             run(model, batch)
 
     with _eval_mode(model), torch.no_grad():
@@ -205,7 +241,7 @@ def sequential_prune_(
         raise ValueError(f"{caller}: order must be one of {ORDERS}, got {order!r}")
     targets = _targets(model, caller)
     if pm.statistic is None:
-        _calibrate_and_prune(targets, pm, spec, lambda: None, order, caller)
+        _calibrate_and_prune(targets, pm, spec, lambda n: None, order, caller)
         return model
     calib = list(calib) if calib is not None else []
     if not calib:
@@ -220,7 +256,7 @@ def sequential_prune_(
         inputs = capture_block_inputs(model, found[0], calib, forward_fn) if last >= 0 else []
         for i in range(last + 1):  # blocks after the last one with a weight to prune are not run
             block = found[i]
-            _calibrate_and_prune(per_block[i], pm, spec, lambda: _replay(block, inputs), order, caller)
+            _calibrate_and_prune(per_block[i], pm, spec, lambda n: _replay(block, inputs[:n]), order, caller)
             if i < last:
                 for b, inp in enumerate(inputs):  # the pruned block's outputs feed the next block
                     inputs[b] = inp.with_hidden(block_output(block(*inp.args, **inp.kwargs)))
