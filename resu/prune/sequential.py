@@ -76,7 +76,7 @@ def apply_prune_result_(param: ResuParameter, result: PruneResult) -> None:
 
 def _run_method(pm: PruneMethod, target: _Target, stat: Optional[torch.Tensor], spec: PruneSpec, caller: str) -> PruneResult:
     p = target.param
-    weight = p.effective_weight().reshape(p.shape[0], -1).to(torch.float32)
+    weight = p.effective_weight().reshape(p.shape[0], -1).to(torch.float32, copy=True)  # methods get a copy
     if pm.statistic is not None and stat is None:
         raise ValueError(f"{caller}: `{target.name}` saw no input during calibration; make sure the calibration batches run it")
     try:
