@@ -27,6 +27,7 @@ are calibrated with hooks over whole-model forwards (:func:`whole_model_prune_`)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -182,6 +183,8 @@ def whole_model_prune_(
     """
     caller = "whole_model_prune_"
     pm = PRUNE_METHODS.get(method, caller, "method")
+    if order not in ORDERS:
+        raise ValueError(f"{caller}: order must be one of {ORDERS}, got {order!r}")
     targets = _targets(model, caller)
     if only is not None:
         wanted = {id(p) for p in only}
@@ -231,7 +234,9 @@ def sequential_prune_(
         ``model``, its ResuParameters in SPARSE mode. See the module doc for the memory held.
 
     Raises:
-        ValueError: unknown method or order, empty ``calib``, no ResuParameters, or a weight in RESU/QRESU mode.
+        ValueError: unknown method or order, empty ``calib``, no ResuParameters, or a weight in RESU/QRESU
+            mode; the model is left unchanged. An error of the method itself (SparseGPT's Hessian not
+            positive definite, say) names the layer; the blocks before it are pruned by then.
     """
     caller = "sequential_prune_"
     pm = PRUNE_METHODS.get(method, caller, "method")
@@ -285,16 +290,13 @@ def _replay(block: nn.Module, inputs: list[BlockInputs]) -> None:
         block(*inp.args, **inp.kwargs)
 
 
-class _eval_mode:
-    """Put every module in eval mode for the calibration, and give each its own flag back after."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags.items():
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every module in eval mode for the calibration; each gets its own train/eval flag back after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
             m.training = flag
