@@ -281,3 +281,15 @@ def test_one_gram_alive_at_a_time_and_one_per_distinct_input(monkeypatch):
     block0 = created[:4]
     assert [len(s.modules) for s in block0] == [1, 1, 1, 1]
     assert block0[0].modules[0] is model.model.layers[0].self_attn.q_proj
+
+
+def test_whole_model_prune_only_some_weights():
+    model = _llama()
+    q0 = model.model.layers[0].self_attn.q_proj.weight
+    whole_model_prune_(model, "sparsegpt", PruneSpec(0.5, pattern=(4, 8)), _calib(), only=[q0])
+    modes = {n: p.mode for n, p in model.named_parameters() if isinstance(p, resu.ResuParameter)}
+    assert modes.pop("model.layers.0.self_attn.q_proj.weight") is resu.ResuMode.SPARSE
+    assert set(modes.values()) == {resu.ResuMode.DENSE}
+    assert (_pruned(q0).reshape(64, -1, 8).sum(-1) == 4).all()
+    with pytest.raises(ValueError, match="order"):
+        whole_model_prune_(model, "sparsegpt", PruneSpec(0.5), _calib(), order="any")

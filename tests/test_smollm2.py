@@ -7,7 +7,6 @@ import math
 import sys
 
 import pytest
-import torch
 
 import resu
 from resu.eval import generate_text, perplexity
