@@ -495,18 +495,16 @@ def _launch_error(launcher: str, arg: str, expected: str, found: Any) -> ValueEr
     )
 
 
-def _need(launcher, arg, t, *, numel=None, dtype=None, dtypes=None, floating=False, contiguous=True, device=None):
+def _need(launcher, arg, t, *, numel=None, dtype=None, floating=False, device=None):
     if not isinstance(t, torch.Tensor):
         raise _launch_error(launcher, arg, "a tensor", type(t).__name__)
     if numel is not None and t.numel() != numel:
         raise _launch_error(launcher, arg, f"{numel} elements", f"{t.numel()} (shape {tuple(t.shape)})")
     if dtype is not None and t.dtype != dtype:
         raise _launch_error(launcher, f"{arg}.dtype", str(dtype), str(t.dtype))
-    if dtypes is not None and t.dtype not in dtypes:
-        raise _launch_error(launcher, f"{arg}.dtype", " or ".join(map(str, dtypes)), str(t.dtype))
     if floating and not t.is_floating_point():
         raise _launch_error(launcher, f"{arg}.dtype", "floating-point", str(t.dtype))
-    if contiguous and not t.is_contiguous():
+    if not t.is_contiguous():
         raise _launch_error(launcher, arg, "contiguous (the kernel takes its raw pointer)", f"strides {t.stride()}")
     if device is not None and t.device != device:
         raise _launch_error(launcher, f"{arg}.device", str(device), str(t.device))
@@ -525,7 +523,7 @@ def check_launch_gather_bitmap(src: torch.Tensor, storage: torch.Tensor, n_selec
     """Before ``triton_bitmap.gather_bitmap``: bitmap bytes for ``src.numel()`` slots, and a count of
     selected slots (the output length) within them."""
     launcher = "gather_bitmap"
-    _need(launcher, "src", src, contiguous=False)
+    _need(launcher, "src", src)  # reshape(-1) of a strided 1-D tensor stays strided: the pointer would lie
     _need_bitmap(launcher, storage, src.numel(), src.device)
     _need_count(launcher, "n_selected", n_selected, src.numel())
 
@@ -542,7 +540,7 @@ def check_launch_adamw_bitmap(
     _need(launcher, "weight", weight, floating=True)
     _need_bitmap(launcher, storage, numel, weight.device)
     _need_count(launcher, "n_selected", n_selected, numel)
-    _need(launcher, "grad", grad, device=weight.device, contiguous=False)
+    _need(launcher, "grad", grad, floating=True, device=weight.device)
     if grad.numel() not in (n_selected, numel):
         raise _launch_error(launcher, "grad", f"{n_selected} (compact) or {numel} (dense) elements", grad.numel())
     for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -579,8 +577,8 @@ def check_launch_dequant_merge(
     packed = (numel + 1) // 2 if bits == 4 else numel
     _need(launcher, "qdata", qdata, numel=packed, dtype=torch.uint8)
     n_scales = 1 if row_stride == 0 else rows * row_stride
-    _need(launcher, "scale", scale, numel=n_scales, floating=True, contiguous=False, device=device)
-    _need(launcher, "zero", zero, numel=n_scales, floating=True, contiguous=False, device=device)
+    _need(launcher, "scale", scale, numel=n_scales, floating=True, device=device)
+    _need(launcher, "zero", zero, numel=n_scales, floating=True, device=device)
     _need(launcher, "theta", theta, numel=n_pruned, floating=True, device=device)
     _need(launcher, "storage", storage, numel=_storage_len(enc, numel, n_pruned), dtype=_storage_dtype(enc), device=device)
 
