@@ -308,7 +308,9 @@ def _bitmap_missing_bit(layout, rint):
 
 
 def _bitmap_padding_bit(layout, rint):
-    return _flip_bit(layout, rint, want_set=True, padding=True)
+    # One padding bit set and one real bit cleared: the popcount still equals n_pruned.
+    padded = _flip_bit(layout, rint, want_set=True, padding=True)
+    return None if padded is None else {**_flip_bit(padded, rint, want_set=False), "expect": "_mask_storage (bitmap)"}
 
 
 def _sparse_pruned_nonzero(layout, rint):
@@ -703,28 +705,51 @@ def test_launch_checks_never_read_device_data():
         fn(**{k: _meta(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
 
+# The kernels themselves: compiled on a GPU, under the Triton interpreter on CPU (set by conftest).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on_kernel_device(args):
+    return tuple(a.to(KERNEL_DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+
+
 @pytest.mark.parametrize("case", ["qresu4-per_group-bitmap", "qresu8-per_channel-pruned_indices",
                                   "qresu4-per_tensor-active_indices"])
 def test_dequant_merge_kernel_runs_on_what_its_check_accepts(case):
     triton_qresu = pytest.importorskip("resu.compile.triton_qresu")
     from resu.compile.qlinear import dequant_merge_reference
 
-    args = _built(case)._quant_op_args()
+    args = _on_kernel_device(_built(case)._quant_op_args())
     check_launch_dequant_merge(*args)
     got = triton_qresu.dequant_merge_triton(*args, torch.float32)
-    assert torch.equal(got, dequant_merge_reference(*args, torch.float32))
+    assert torch.equal(got.cpu(), dequant_merge_reference(*_built(case)._quant_op_args(), torch.float32))
 
 
 def test_bitmap_kernels_run_on_what_their_checks_accept():
     triton_bitmap = pytest.importorskip("resu.compile.triton_bitmap")
     from resu.compile.masked_ops import gather_masked_reference
 
-    w, storage, n = _bitmap_param()
+    w, storage, n = _on_kernel_device(_bitmap_param())
     check_launch_gather_bitmap(w, storage, n)
     got = triton_bitmap.gather_bitmap(w, storage, n, True, torch.float32)
     assert torch.equal(got, gather_masked_reference(w, storage, "bitmap", n, True, torch.float32))
-    grad, m, v = torch.randn(n), torch.zeros(n), torch.zeros(n)
+    grad, m, v = _on_kernel_device((torch.randn(n), torch.zeros(n), torch.zeros(n)))
     check_launch_adamw_bitmap(w, grad, m, v, storage, n)
+    before = w.clone()
     triton_bitmap.adamw_bitmap_(w, grad, m, v, storage, True, 1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
                                 weight_decay=0.0, maximize=False)
-    assert m.abs().sum() > 0
+    pruned = ~_built("resu-bitmap").active_mask.to(KERNEL_DEVICE)
+    assert torch.equal(w[~pruned], before[~pruned]) and not torch.equal(w[pruned], before[pruned])
+    assert torch.allclose(m, 0.1 * grad, rtol=1e-6, atol=0)
+
+
+def test_dequant_merge_check_refuses_a_row_stride_too_small_for_the_groups():
+    # Scales shortened to match the smaller stride: only the stride-vs-groups check sees it (the last
+    # group of a row would index the next row's first scale, and the last row's past the end).
+    fn, kwargs = LAUNCH_CASES["dequant_merge[qresu4-per_group-bitmap]"]
+    stride = kwargs["row_stride"] - 1
+    n = kwargs["rows"] * stride
+    bad = {**kwargs, "row_stride": stride, "scale": kwargs["scale"].reshape(-1)[:n].clone(),
+           "zero": kwargs["zero"].reshape(-1)[:n].clone()}
+    with pytest.raises(ValueError, match="row_stride"):
+        fn(**bad)

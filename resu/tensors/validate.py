@@ -78,9 +78,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _describe(t: Any) -> str:
-    if not isinstance(t, torch.Tensor):
-        return f"a {type(t).__name__} ({t!r})" if not isinstance(t, (list, dict, tuple)) else f"a {type(t).__name__}"
-    return f"{type(t).__name__} of shape {tuple(t.shape)}, {t.dtype}, on {t.device}"
+    """What was found, briefly (containers by type only: they may be large)."""
+    if isinstance(t, torch.Tensor):
+        return f"{type(t).__name__} of shape {tuple(t.shape)}, {t.dtype}, on {t.device}"
+    if isinstance(t, (list, tuple, dict, set)):
+        return f"a {type(t).__name__}"
+    return f"a {type(t).__name__} ({t!r})"
 
 
 # --------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def _scalar_value(name: str, field: str, t: Any, *, integral_dtype: bool) -> flo
         raise CheckpointError(name, f"{field}.dtype", "an integer dtype", str(t.dtype))
     if not integral_dtype and (t.is_complex() or t.dtype == torch.bool):
         raise CheckpointError(name, f"{field}.dtype", "a real dtype", str(t.dtype))
-    return t.item()  # host counters: on the CPU, so no device sync
+    return t.item()  # a host counter in ResuAdamW states; at most one sync, once per load
 
 
 def _check_state_tensor(name, field, t, length_or_shape, dtype, device) -> None:
@@ -367,7 +370,7 @@ def _check_state_tensor(name, field, t, length_or_shape, dtype, device) -> None:
         raise CheckpointError(name, field, "contiguous (the kernels take raw pointers)", f"strides {t.stride()}")
 
 
-def _check_index_vector(name, field, t, length, bound, *, increasing) -> torch.Tensor:
+def _check_index_vector(name, field, t, length, bound) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
         raise CheckpointError(name, field, "an int64 tensor", _describe(t))
     if tuple(t.shape) != (length,):
@@ -378,7 +381,7 @@ def _check_index_vector(name, field, t, length, bound, *, increasing) -> torch.T
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= bound:
             raise CheckpointError(name, field, f"indices in [0, {bound})", f"values in [{lo}, {hi}]")
-        if increasing and length > 1 and not bool((t[1:] > t[:-1]).all()):
+        if length > 1 and not bool((t[1:] > t[:-1]).all()):
             raise CheckpointError(name, field, "strictly increasing (sorted, unique) indices", "unsorted or duplicated")
     return t
 
@@ -459,7 +462,7 @@ def check_optimizer_state(
     if "subset" not in state:
         return  # chosen afresh at the next step
     k = length
-    subset = _check_index_vector(name, "subset", state["subset"], k, n_slots, increasing=True)
+    subset = _check_index_vector(name, "subset", state["subset"], k, n_slots)
     positions = state.get("subset_positions")
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 or tuple(positions.shape) != (k,):
         raise CheckpointError(name, "subset_positions", f"an int64 tensor of shape ({k},)", _describe(positions))
