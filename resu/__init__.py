@@ -13,15 +13,18 @@
     resu.exit_resu_(model, commit=True)
 """
 
+from resu.api.adopt import adopt_zeros_
 from resu.api.commit import CommitStats, commit_
 from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
 from resu.api.stabilize import StabilizeStats, capture_reference, stabilize_
+from resu.eval import generate_text, perplexity
 from resu.optim.selection_config import SelectionConfig
 from resu.optim.resu_adamw import ResuAdamW
 from resu.plotting import plot_cycles
+from resu.prune.sequential import sequential_prune_
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
@@ -38,6 +41,7 @@ __all__ = [
     "SelectionConfig",
     "SparseMask",
     "StabilizeStats",
+    "adopt_zeros_",
     "capture_reference",
     "commit_",
     "densify_",
@@ -45,8 +49,11 @@ __all__ = [
     "enter_resu_",
     "exit_qresu_",
     "exit_resu_",
+    "generate_text",
+    "perplexity",
     "plot_cycles",
     "prune_",
+    "sequential_prune_",
     "sparsify_",
     "stabilize_",
 ]

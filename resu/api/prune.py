@@ -12,10 +12,13 @@ import resu.prune  # noqa: F401  (registers the built-in prune methods)
 from resu.api.params import require_resu_parameters
 from resu.api.transaction import all_or_nothing
 from resu.api.validation import check_choice, check_fraction, check_generator, refuse_theta_phase
+from resu.prune.blocks import find_blocks
 from resu.prune.calibration import linear_input_statistics
 from resu.prune.registry import PRUNE_METHODS, PruneMethod, PruneResult, PruneSpec, parse_pattern
+from resu.prune.sequential import sequential_prune_
 
 SCOPES = ("row", "global")
+CALIBRATIONS = ("auto", "sequential", "whole_model")
 # Method names kept for compatibility: name → (registered method, pattern).
 ALIASES = {"2:4": ("magnitude", "2:4")}
 
@@ -30,6 +33,7 @@ def prune_(
     pattern: Optional[str] = None,
     forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
     generator: Optional[torch.Generator] = None,
+    calibration: str = "auto",
 ) -> nn.Module:
     """Prune every ResuParameter of ``model`` to ``sparsity`` and put it in SPARSE mode, in place.
 
@@ -51,6 +55,12 @@ def prune_(
         forward_fn: ``forward_fn(model, batch)`` runs one calibration batch; by default a tensor is
             passed as ``model(batch)``, a dict as ``model(**batch)``, a tuple/list as ``model(batch[0])``.
         generator: random generator for ``method="random"``.
+        calibration: how a calibrated method sees its layers' inputs. ``"sequential"``: block by block
+            (:func:`resu.prune.sequential.sequential_prune_`): each decoder block is calibrated on the
+            outputs of the already pruned blocks before it, holding one block's activations and one
+            Gram matrix at a time, as the Wanda and SparseGPT reference implementations do.
+            ``"whole_model"``: hooks over whole-model forwards of the unpruned model. ``"auto"`` (default):
+            sequential for Hugging Face models with a list of decoder blocks, whole-model otherwise.
 
     Returns:
         ``model`` itself. Pruned slots become exactly zero; existing gradients are cleared.
@@ -80,12 +90,24 @@ def prune_(
     params = require_resu_parameters(model, "prune_")
     for name, p in params:
         _check_can_prune(name, p, spec)
+    check_choice(calibration, "calibration", CALIBRATIONS, "prune_")
+    if entry.statistic is not None and _calibrates_sequentially(model, calibration):
+        with all_or_nothing([p for _, p in params]):
+            sequential_prune_(model, entry.name, spec, calib, forward_fn=forward_fn)
+        return model
     stats = {}
     if entry.statistic is not None:
         stats = linear_input_statistics(model, {id(p): p for _, p in params}, entry.statistic, calib, forward_fn)
     results = [method_result(entry, name, p, stats.get(id(p)), spec) for name, p in params]
     apply_pruning_([p for _, p in params], results)
     return model
+
+
+def _calibrates_sequentially(model: nn.Module, calibration: str) -> bool:
+    if calibration != "auto":
+        return calibration == "sequential"
+    is_hf_model = getattr(getattr(model, "config", None), "model_type", None) is not None
+    return is_hf_model and find_blocks(model) is not None
 
 
 def apply_pruning_(params: list, results: list[PruneResult]) -> None:
