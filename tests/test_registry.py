@@ -51,7 +51,7 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match=r"prune_: unknown `method` 'l0'; expected one of 'magnitude', 'wanda', 'random'"):
         resu.prune_(model, 0.5, method="l0")
     model = model_in_mode("resu")
-    with pytest.raises(ValueError, match=r"commit_: unknown `strategy` 'x'; expected one of 'amnesty', 'wanda_reprune'"):
+    with pytest.raises(ValueError, match=r"commit_: unknown `strategy` 'x'; expected one of 'amnesty', 'amnesty_capped', 'wanda_reprune'"):
         resu.commit_(model, "x")
     with pytest.raises(ValueError, match="already registered"):
         register_prune_method("magnitude")(lambda w, s, spec: w == 0)

@@ -104,6 +104,37 @@ def amnesty_keep(
     return keep_res | keep_act
 
 
+def capped_amnesty_keep(
+    scores: torch.Tensor, was_pruned: torch.Tensor, n_keep: torch.Tensor, budget: float
+) -> torch.Tensor:
+    """Amnesty with ``budget`` as a cap rather than a quota, for 2-D ``scores`` (one tournament per row).
+
+    A resurrection candidate takes a place only where its score beats the weakest active slot it would
+    evict, i.e. where one joint ranking would keep it, and at most ``round(budget · n_keep[i])`` of them
+    per row. With a short θ phase most θ are still small, and :func:`amnesty_keep`'s reserved share then
+    evicts active weights that are better than the θ replacing them; here a row with no θ worth keeping
+    keeps its active slots.
+
+    Args and returns: as :func:`amnesty_keep`.
+    """
+    if scores.dim() != 2 or was_pruned.shape != scores.shape:
+        raise ValueError("capped_amnesty_keep: `scores` and `was_pruned` must be 2-D tensors of the same shape")
+    budget = check_fraction(budget, "budget", "capped_amnesty_keep")
+    n_keep = n_keep.to(torch.int64)
+    if bool((n_keep < 0).any()) or bool((n_keep > scores.shape[1]).any()):
+        raise ValueError(f"capped_amnesty_keep: every `n_keep` must be in [0, {scores.shape[1]}]")
+    was_pruned = was_pruned.to(torch.bool)
+    wanted = (joint_keep(scores, n_keep) & was_pruned).sum(dim=1)
+    cap = torch.floor(n_keep.double() * budget + 0.5).to(torch.int64)
+    take_res = torch.minimum(wanted, cap)
+    # a row with fewer active candidates than n_keep - take_res was given them by the joint ranking already
+    take_act = torch.minimum(n_keep - take_res, (~was_pruned).sum(dim=1))
+    take_res = n_keep - take_act
+    keep_res = was_pruned & (_rank_within(scores, was_pruned) < take_res[:, None])
+    keep_act = ~was_pruned & (_rank_within(scores, ~was_pruned) < take_act[:, None])
+    return keep_res | keep_act
+
+
 def joint_keep(scores: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
     """Plain re-pruning: the ``n_keep[i]`` best slots of every row, whatever group they belong to."""
     everyone = torch.ones_like(scores, dtype=torch.bool)
