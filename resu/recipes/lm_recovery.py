@@ -1,0 +1,215 @@
+"""Recovering a pruned pretrained language model: plain sparse fine-tuning, and the RESU recipe.
+
+Both take a model that :func:`resu.prune_` has already put in SPARSE mode and spend a fixed number
+of optimizer steps on the same stream of token batches, so they compare at equal steps and tokens:
+
+- :func:`finetune_`: the active weights train (:class:`resu.ResuAdamW` in SPARSE mode; pruned slots
+  stay exactly zero). The baseline every recovery method has to beat.
+- :func:`recover_`: a RESU (or QRESU) phase in which θ trains in the pruned slots while the active
+  weights stay frozen, a commit back to the same sparsity in which resurrected slots compete with
+  active ones, then sparse fine-tuning for the remaining steps.
+
+The defaults of :class:`RecoveryRecipe` are the ones that measured best on pretrained LMs
+(``benchmarks/llm_recipe_sweep.py``, ``benchmarks/llm_recovery.py``; BENCHMARKS.md):
+
+- θ starts at zero (``epsilon=0``): ε·σ_A noise in every pruned slot of a pretrained model costs more
+  than a short θ phase wins back;
+- the commit scores merged weights with Wanda (|W|·‖x‖); magnitude scores discard the pruner's
+  activation-aware choice and wreck an LM;
+- ``"amnesty_capped"``: r caps the resurrections instead of reserving them, so a short θ phase never
+  evicts an active weight that outscores the θ replacing it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from resu.api.commit import commit_
+from resu.api.qresu_phase import enter_qresu_
+from resu.api.resu_phase import enter_resu_
+from resu.optim.resu_adamw import ResuAdamW
+from resu.tensors.mode import ResuMode
+from resu.tensors.resu_parameter import ResuParameter
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+StepCallback = Callable[[str, int, float], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryRecipe:
+    """The RESU recovery recipe for a pruned pretrained LM (see the module doc for why these defaults).
+
+    Args:
+        resu_fraction: share of the step budget spent in the θ phase; the rest fine-tunes after the commit.
+        lr: learning rate of the sparse fine-tuning (active weights).
+        theta_lr: learning rate of θ during the θ phase.
+        epsilon: θ initialisation scale (θ ~ N(0, (ε·σ_A)²)); 0 starts θ at zero.
+        commit_strategy: a registered commit strategy (``"amnesty_capped"``, the seed's ``"amnesty"``, ...).
+        score_type: score of the merged weights at commit (``"wanda"``, ``"magnitude"``, ``"gradient"``).
+        budget: r, the resurrection budget of the commit.
+        weight_decay: decoupled weight decay of both phases.
+        grad_clip: max gradient norm (None: no clipping).
+        quantized: run the θ phase in QRESU mode (active weights frozen as packed codes) with these
+            :func:`resu.enter_qresu_` keyword arguments, e.g. ``{"bits": 4, "scheme": "per_group"}``.
+    """
+
+    resu_fraction: float = 0.5
+    lr: float = 3e-4
+    theta_lr: float = 1e-3
+    epsilon: float = 0.0
+    commit_strategy: str = "amnesty_capped"
+    score_type: str = "wanda"
+    budget: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = 1.0
+    quantized: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resu_fraction, bool) or not 0.0 <= float(self.resu_fraction) <= 1.0:
+            raise ValueError(f"RecoveryRecipe: resu_fraction must be in [0, 1], got {self.resu_fraction!r}")
+        for name in ("lr", "theta_lr", "epsilon", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"RecoveryRecipe: {name} must be a number >= 0, got {value!r}")
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    """What :func:`recover_` did: losses per step, θ-phase and fine-tune step counts, and the commit."""
+
+    losses: list[float]
+    theta_steps: int
+    finetune_steps: int
+    n_resurrected: int
+    sparsity: float
+
+
+def causal_lm_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Next-token loss of a Hugging Face causal LM on a (batch × seq) tensor of token ids (or a dict)."""
+    if isinstance(batch, dict):
+        return model(**batch, labels=batch["input_ids"]).loss
+    return model(input_ids=batch, labels=batch).loss
+
+
+def _resu_parameters(model: nn.Module) -> list[ResuParameter]:
+    seen, params = set(), []
+    for p in model.parameters():
+        if isinstance(p, ResuParameter) and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    if not params:
+        raise ValueError("no ResuParameter in `model`; call resu.sparsify_(model) and resu.prune_(model, ...) first")
+    return params
+
+
+def _train(model, batches: Iterator, steps: int, lr: float, recipe, loss_fn, on_step, phase: str, losses: list) -> None:
+    """``steps`` ResuAdamW steps on the model's ResuParameters only (embeddings, norms, a tied head stay frozen)."""
+    if steps <= 0:
+        return
+    params = _resu_parameters(model)
+    opt = ResuAdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(steps):
+            loss = loss_fn(model, next(batches))
+            loss.backward()
+            if recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(phase, len(losses), losses[-1])
+    finally:
+        model.train(was_training)
+
+
+def _check_sparse(model: nn.Module, caller: str) -> list[ResuParameter]:
+    params = _resu_parameters(model)
+    modes = {p.mode for p in params}
+    if modes != {ResuMode.SPARSE}:
+        raise ValueError(
+            f"{caller}: every ResuParameter must be in SPARSE mode (prune the model with resu.prune_ first), found "
+            f"{sorted(m.name for m in modes)}"
+        )
+    return params
+
+
+def finetune_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    steps: int,
+    *,
+    recipe: RecoveryRecipe = RecoveryRecipe(),
+    loss_fn: LossFn = causal_lm_loss,
+    on_step: Optional[StepCallback] = None,
+) -> list[float]:
+    """Sparse fine-tuning: ``steps`` steps of the active weights at ``recipe.lr``; returns the losses.
+
+    ``batches`` must yield at least ``steps`` batches; pruned slots stay exactly zero throughout.
+    """
+    _check_sparse(model, "finetune_")
+    losses: list[float] = []
+    _train(model, iter(batches), steps, recipe.lr, recipe, loss_fn, on_step, "finetune", losses)
+    return losses
+
+
+def recover_(
+    model: nn.Module,
+    batches: Iterable[Any],
+    steps: int,
+    *,
+    calib: Optional[Iterable[Any]] = None,
+    recipe: RecoveryRecipe = RecoveryRecipe(),
+    loss_fn: LossFn = causal_lm_loss,
+    on_step: Optional[StepCallback] = None,
+    generator: Optional[torch.Generator] = None,
+) -> RecoveryReport:
+    """The RESU recipe: θ phase → commit at the same sparsity → sparse fine-tuning, ``steps`` steps in all.
+
+    Args:
+        model: a pruned model (every ResuParameter in SPARSE mode).
+        batches: training batches; at least ``steps`` of them are read, in order.
+        steps: total optimizer steps (θ phase + fine-tuning), to compare with :func:`finetune_` at equal steps.
+        calib: calibration batches for Wanda/gradient commit scores (required for those score types).
+        recipe: the hyper-parameters (:class:`RecoveryRecipe`).
+        loss_fn: ``loss_fn(model, batch) -> loss``; by default the causal-LM loss of a Hugging Face model.
+        on_step: called as ``on_step(phase, step, loss)`` after every optimizer step.
+        generator: random generator for θ's initialisation (unused when ``recipe.epsilon == 0``).
+
+    Returns:
+        A :class:`RecoveryReport`; the model ends in SPARSE mode at its starting sparsity.
+    """
+    params = _check_sparse(model, "recover_")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"recover_: steps must be an int >= 0, got {steps!r}")
+    if recipe.score_type in ("wanda", "gradient") and calib is None:
+        raise ValueError(f"recover_: score_type={recipe.score_type!r} needs calibration batches; pass calib=...")
+    calib = list(calib) if calib is not None else None
+    batches = iter(batches)
+    theta_steps = int(round(steps * recipe.resu_fraction))
+    losses: list[float] = []
+    if recipe.quantized is not None:
+        enter_qresu_(model, epsilon=recipe.epsilon, generator=generator, **recipe.quantized)
+    else:
+        enter_resu_(model, epsilon=recipe.epsilon, generator=generator)
+    _train(model, batches, theta_steps, recipe.theta_lr, recipe, loss_fn, on_step, "theta", losses)
+    extra = {"loss_fn": loss_fn} if recipe.score_type == "gradient" else {}
+    stats = commit_(
+        model, recipe.commit_strategy, score_type=recipe.score_type, calib=calib, r_start=recipe.budget,
+        r_end=recipe.budget, **extra,
+    )
+    _train(model, batches, steps - theta_steps, recipe.lr, recipe, loss_fn, on_step, "finetune", losses)
+    numel = sum(p.numel() for p in params)
+    return RecoveryReport(
+        losses=losses,
+        theta_steps=theta_steps,
+        finetune_steps=steps - theta_steps,
+        n_resurrected=stats.n_resurrected,
+        sparsity=sum(p.n_pruned for p in params) / numel if numel else 0.0,
+    )

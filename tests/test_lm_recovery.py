@@ -1,0 +1,106 @@
+"""The LM recovery recipes: sparse fine-tuning and RESU → commit → fine-tuning, at equal steps."""
+
+
+import pytest
+import torch
+
+import resu
+from resu.recipes import RecoveryRecipe, finetune_, recover_
+
+transformers = pytest.importorskip("transformers")
+
+
+def _pruned_llama(seed: int = 0, sparsity: float = 0.5):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    resu.sparsify_(model, filter_fn=lambda name, m: "lm_head" not in name)
+    resu.prune_(model, sparsity, method="wanda", calib=_batches(2, seed=99))
+    return model
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (2, 16), generator=g) for _ in range(n)]
+
+
+class _Counting:
+    def __init__(self, batches):
+        self.taken = 0
+        self._it = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.taken += 1
+        return next(self._it)
+
+
+def _weights(model):
+    return {n: p for n, p in model.named_parameters() if isinstance(p, resu.ResuParameter)}
+
+
+@pytest.mark.parametrize("quantized", [None, {"bits": 4, "scheme": "per_group", "group_size": 16}])
+def test_recover_spends_exactly_the_step_budget_and_keeps_the_sparsity(quantized):
+    model = _pruned_llama()
+    masks = {n: p.active_mask.clone() for n, p in _weights(model).items()}
+    before = {n: p.n_pruned for n, p in _weights(model).items()}
+    stream = _Counting(_batches(50, seed=1))
+    report = recover_(model, stream, 6, calib=_batches(2, seed=2), recipe=RecoveryRecipe(quantized=quantized, budget=0.5))
+    assert stream.taken == 6 and len(report.losses) == 6
+    assert (report.theta_steps, report.finetune_steps) == (3, 3)
+    for n, p in _weights(model).items():
+        assert p.mode is resu.ResuMode.SPARSE
+        assert p.n_pruned == before[n]  # back at the starting sparsity, row by row
+        assert torch.all(p.effective_weight()[~p.active_mask] == 0)
+    changed = sum(int((p.active_mask != masks[n]).sum()) for n, p in _weights(model).items())
+    assert changed == 2 * report.n_resurrected  # every resurrection evicted one active slot
+
+
+def test_finetune_trains_active_weights_only():
+    model = _pruned_llama()
+    w0 = {n: p.effective_weight().clone() for n, p in _weights(model).items()}
+    losses = finetune_(model, _batches(4, seed=3), 4, recipe=RecoveryRecipe(lr=1e-2))
+    assert len(losses) == 4 and all(l == l for l in losses)
+    moved = 0
+    for n, p in _weights(model).items():
+        w = p.effective_weight()
+        assert torch.all(w[~p.active_mask] == 0)
+        moved += int((w != w0[n]).sum())
+    assert moved > 0
+
+
+def test_theta_starts_at_zero_and_the_frozen_weights_do_not_move_in_the_theta_phase():
+    model = _pruned_llama()
+    w0 = {n: p.effective_weight().clone() for n, p in _weights(model).items()}
+    seen = []
+
+    def on_step(phase, step, loss):
+        if phase == "theta":
+            for n, p in _weights(model).items():
+                active = p.active_mask
+                assert torch.equal(p.effective_weight()[active], w0[n][active])  # active slots frozen
+            seen.append(step)
+
+    recover_(model, _batches(4, seed=4), 4, calib=_batches(2), recipe=RecoveryRecipe(resu_fraction=0.5), on_step=on_step)
+    assert seen == [1, 2]
+
+
+def test_recover_refuses_bad_input_and_changes_nothing():
+    model = _pruned_llama()
+    with pytest.raises(ValueError, match="calib"):
+        recover_(model, _batches(2), 2)
+    with pytest.raises(ValueError, match="steps"):
+        recover_(model, _batches(2), -1, calib=_batches(1))
+    assert all(p.mode is resu.ResuMode.SPARSE for p in _weights(model).values())
+    resu.densify_(model)
+    dense = transformers.LlamaForCausalLM(model.config)
+    resu.sparsify_(dense)
+    with pytest.raises(ValueError, match="SPARSE"):
+        recover_(dense, _batches(2), 2, calib=_batches(1))
+    with pytest.raises(ValueError, match="resu_fraction"):
+        RecoveryRecipe(resu_fraction=1.5)
