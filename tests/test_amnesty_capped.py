@@ -74,3 +74,13 @@ def test_commit_strategy_amnesty_capped_keeps_actives_over_tiny_theta():
     assert [torch.equal(p.active_mask, m) for p, m in zip((model[0].weight, model[2].weight), before)] == [True, True]
     resu.enter_resu_(model, epsilon=1e-3)
     assert resu.commit_(model, "amnesty", r_start=0.2).n_resurrected > 0  # the seed's amnesty still forces its quota
+
+
+def test_pretrained_lm_preset_uses_capped_wanda_commit_and_zero_epsilon():
+    from resu.training import pretrained_lm_config
+    from resu.training.config import SparsitySchedule
+
+    cfg = pretrained_lm_config(target_sparsity=0.7, initial_sparsity=0.7)
+    assert (cfg.commit_strategy, cfg.amnesty_score_type, cfg.resu_epsilon) == ("amnesty_capped", "wanda", 0.0)
+    assert cfg.sparsity_schedule is SparsitySchedule.CONSTANT and cfg.sparsity_at(0) == 0.7
+    assert sum(cfg.phase_steps()) == cfg.steps_per_cycle

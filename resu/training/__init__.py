@@ -9,6 +9,7 @@ from resu.training.config import (
     conservative_pruning_config,
     default_config,
     densification_config,
+    pretrained_lm_config,
     quick_test_config,
 )
 from resu.training.one_cycle import RESUCycle
@@ -32,6 +33,7 @@ __all__ = [
     "conservative_pruning_config",
     "default_config",
     "densification_config",
+    "pretrained_lm_config",
     "load_stats_json",
     "quick_test_config",
     "save_stats_csv",

@@ -310,3 +310,35 @@ def quick_test_config(**overrides) -> RESUConfig:
         progress_bar=False,
     )
     return RESUConfig(**{**settings, **overrides})
+
+
+def pretrained_lm_config(**overrides) -> RESUConfig:
+    """A pretrained LM pruned with Wanda before training: mostly sparse fine-tuning, short θ phases.
+
+    Prune first (``resu.prune_(model, s, method="wanda", calib=...)``); the CONSTANT schedule then
+    never re-prunes, so TRAIN fine-tunes the active weights and no dense phase runs. The commit keeps a
+    θ slot only where it outscores the active slot it would evict (``"amnesty_capped"``) on Wanda
+    scores: the reserved quota of ``"amnesty"`` and magnitude scores both evict activation-heavy
+    weights of an LM. θ starts at exactly zero: ``resu_epsilon=0.1`` puts noise the size of trained θ
+    into every pruned slot.
+    """
+    settings = dict(
+        initial_sparsity=0.5,
+        target_sparsity=0.5,
+        sparsity_schedule=SparsitySchedule.CONSTANT,
+        num_cycles=1,
+        train_fraction=0.85,
+        stabilize_fraction=0.0,
+        resu_fraction=0.15,
+        resu_lr=1e-3,
+        resu_epsilon=0.0,
+        commit_strategy="amnesty_capped",
+        amnesty_score_type="wanda",
+        amnesty_r_start=0.10,
+        amnesty_r_end=0.02,
+        pruning_method="wanda",
+        stabilize_method="none",
+        base_lr=3e-4,
+        weight_decay=0.0,
+    )
+    return RESUConfig(**{**settings, **overrides})
