@@ -357,8 +357,8 @@ def parse_args(argv=None):
     # defaults per model: the CPU run fits ≤ 20 minutes on 2 idle cores; the GPU run < 8 minutes on one H200
     gpu = args.model == "scratch" and args.device == "cuda"
     defaults = {
-        "smollm2": dict(seeds=[0], steps=20, seq=128, batch=4, eval_batches=4, calib_batches=4, scratch_steps=0),
-        "scratch": dict(seeds=[0, 1, 2], steps=200 if gpu else 20, seq=512 if gpu else 128, batch=32 if gpu else 8,
+        "smollm2": dict(seeds=[0], steps=12, seq=128, batch=4, eval_batches=4, calib_batches=4, scratch_steps=0),
+        "scratch": dict(seeds=[0, 1, 2], steps=150 if gpu else 20, seq=512 if gpu else 128, batch=32 if gpu else 8,
                         eval_batches=16 if gpu else 4, calib_batches=4, scratch_steps=1500 if gpu else 200),
     }[args.model]
     for key, value in defaults.items():
@@ -377,6 +377,12 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "2")))
     sparsities = [parse_sparsity(s) for s in args.sparsities]
+    if "lora" in args.rows:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            print("the lora row needs the `peft` package (pip install peft); leaving it out", file=sys.stderr)
+            args.rows = [r for r in args.rows if r != "lora"]
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     quiet = not sys.stderr.isatty()
@@ -392,11 +398,14 @@ def main(argv=None) -> dict:
     bar = tqdm(total=n_training * args.steps * len(args.seeds) * len(sparsities), disable=quiet, unit="step",
                desc="training rows")
     runs: list[dict] = []
+    partial = os.path.join(args.out, "llm_recovery.partial.json")
 
     def add(row: str, sparsity: str, seed: Optional[int], model: nn.Module, **info) -> None:
         run = dict(row=row, sparsity=sparsity, seed=seed, val=evaluate(model, val, args.device),
                    test=evaluate(model, test, args.device), sparsity_after=zero_fraction(model), **info)
         runs.append(run)
+        with open(partial, "w") as f:  # every finished run is on disk even if the whole table never completes
+            json.dump(runs, f)
         log(f"[{elapsed()}] {sparsity:>4} {row:12s} seed {seed}  val {run['val']:.3f}  test {run['test']:.3f}  "
             f"zeros {run['sparsity_after']:.1%}")
 
@@ -440,6 +449,7 @@ def main(argv=None) -> dict:
     result = {"settings": settings, "runs": runs}
     with open(os.path.join(args.out, "llm_recovery.json"), "w") as f:
         json.dump(result, f, indent=1)
+    os.remove(partial)
     plot(runs, sparsities, os.path.join(args.out, "llm_recovery.png"))
     name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else f"scratch byte-level LM ({args.size})"
     print(f"\n{name}: {args.steps} steps × {args.batch}×{args.seq} tokens per training row, seeds {args.seeds}, "
