@@ -250,7 +250,7 @@ def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step)
             on_step(phase, step, loss)
 
         report = recover_(model, batches, args.steps, calib=calib, recipe=recipe, loss_fn=loss_fn, on_step=record,
-                          generator=torch.Generator(device=args.device).manual_seed(args.seed_now))
+                          generator=torch.Generator().manual_seed(args.seed_now))  # θ noise is drawn on the CPU
         info.update(losses=report.losses, theta_steps=report.theta_steps, n_resurrected=report.n_resurrected,
                     recipe=dataclasses.asdict(recipe), **seen)
     elif row == "lora":
