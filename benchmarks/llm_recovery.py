@@ -317,7 +317,10 @@ def plot(runs: list[dict], sparsities: list[dict], path: str) -> None:
                 continue
             n = min(len(c) for c in curves)
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-            ax.plot(range(1, n + 1), mean, label=row)
+            # every step sees a different batch: a trailing mean over ~n/10 steps shows the trend
+            w = max(1, n // 10)
+            smooth = [sum(mean[max(0, i - w + 1) : i + 1]) / len(mean[max(0, i - w + 1) : i + 1]) for i in range(n)]
+            ax.plot(range(1, n + 1), smooth, label=row)
         for row, style in (("wanda", ":"), ("dense", "--")):
             # the evaluation loss (log perplexity on test) of the untrained references, as levels
             ref = [r for r in runs if r["row"] == row and r["sparsity"] in (spec["label"], "-")]
