@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from resu.core.selective import STRATEGIES, SelectionConfig
+if TYPE_CHECKING:  # the optimizer package imports the tensors package: imported lazily at run time
+    from resu.core.selective import SelectionConfig
 from resu.tensors.mask_kernels import MAX_NUMEL, MaskEncoding, _storage_dtype, _storage_len
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import BITS, SCHEMES, QuantFormat
@@ -47,6 +48,8 @@ __all__ = [
     "check_launch_theta_adamw",
     "check_optimizer_state",
     "validate_layout",
+    "validate_parameter",
+    "validate_resu_layout",
 ]
 
 #: The inner tensors a ResuParameter holds in each mode (``__tensor_flatten__`` names).
@@ -322,6 +325,21 @@ def validate_layout(
         _check_pruned_zero(name, present["_weight"], storage, enc, numel)
 
 
+def validate_resu_layout(name: str, layout: Any, shape: Sequence[int], tensors: Mapping[str, Any]) -> None:
+    """:func:`validate_layout` for a :class:`~resu.tensors.layout.ResuLayout` spec and its inner tensors
+    (what ``__tensor_flatten__`` gives). Untrusted loaders call it before building a ResuParameter."""
+    validate_layout(
+        name, shape=shape, mode=layout.mode, encoding=layout.encoding, n_pruned=layout.n_pruned,
+        quant_format=layout.qformat, tensors=tensors,
+    )
+
+
+def validate_parameter(name: str, p: torch.Tensor) -> None:
+    """:func:`validate_layout` of an existing ResuParameter ``p`` (one read from a checkpoint, say)."""
+    names, layout = p.__tensor_flatten__()
+    validate_resu_layout(name, layout, tuple(p.shape), {k: getattr(p, k) for k in names})
+
+
 # --------------------------------------------------------------------------
 # Optimizer state
 # --------------------------------------------------------------------------
@@ -332,6 +350,8 @@ _EMA_KEYS = ("selection_m", "selection_v")
 
 def _selection_layout(config: SelectionConfig, n_slots: int) -> tuple[tuple[int, int], int]:
     """``(tag, Adam state length)`` of a selective weight, as ``resu.optim.selective.state_layout``."""
+    from resu.core.selective import STRATEGIES
+
     code = STRATEGIES.index(config.strategy)
     if config.is_static:
         k = config.select_count(n_slots)
@@ -393,7 +413,7 @@ def check_optimizer_state(
     dtype: Optional[torch.dtype],
     *,
     device: Optional[Union[torch.device, str]] = None,
-    selective: Optional[SelectionConfig] = None,
+    selective: Optional["SelectionConfig"] = None,
     theta_positions: Optional[torch.Tensor] = None,
 ) -> None:
     """Check one ``ResuAdamW`` state entry against the slots it trains.
