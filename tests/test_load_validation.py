@@ -280,3 +280,62 @@ def test_enter_qresu_refuses_float_bits():
     with pytest.raises(ValueError, match="bits"):
         resu.enter_qresu_(model, bits=4.0)
     assert model[0].weight.mode is ResuMode.SPARSE
+
+
+# ---------------------------------------------------------------------- optimizer states
+
+
+def _trained_optimizer(case: str, selective=None):
+    model = _model(case, 1)
+    if selective is not None:
+        model[0].weight.set_selective(selective)
+    opt = resu.ResuAdamW(model.parameters(), lr=0.01)
+    model(torch.randn(3, SHAPE[1])).square().sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _opt_snapshot(opt) -> list:
+    return [(id(p), {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()})
+            for g in opt.param_groups for p in g["params"]]
+
+
+def _opt_same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        pa == pb and sa.keys() == sb.keys() and all(
+            torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+        for (pa, sa), (pb, sb) in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("case", ["dense", "sparse-bitmap", "resu-bitmap", "resu-pruned_indices", "qresu4-per_group-active_indices"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+@pytest.mark.parametrize("delta", [-1, 1, 108])
+def test_optimizer_states_of_the_wrong_length_are_refused_and_the_optimizer_is_unchanged(case, key, delta):
+    model, opt = _trained_optimizer(case)
+    sd = opt.state_dict()
+    # The weight is the first parameter: its saved state keeps the weight's layout id, so it would be used as is.
+    state = dict(sd["state"][0])
+    flat = state[key].reshape(-1)
+    state[key] = flat[:delta] if delta < 0 else torch.cat([flat, flat.new_zeros(delta)])
+    tampered = {**sd, "state": {**sd["state"], 0: state}}
+    before = _opt_snapshot(opt)
+    with pytest.raises(CheckpointError, match=key):
+        opt.load_state_dict(tampered)
+    assert _opt_same(_opt_snapshot(opt), before)
+    opt.load_state_dict(sd)  # the untampered state still loads
+
+
+def test_selective_subset_out_of_range_is_refused():
+    from resu.core.selective import SelectionConfig
+
+    model, opt = _trained_optimizer("resu-bitmap", SelectionConfig(strategy="random", k_select_ratio=0.5))
+    sd = opt.state_dict()
+    state = dict(sd["state"][0])
+    assert "subset" in state
+    subset = state["subset"].clone()
+    subset[-1] = NUMEL + 5
+    before = _opt_snapshot(opt)
+    with pytest.raises(CheckpointError, match="subset"):
+        opt.load_state_dict({**sd, "state": {**sd["state"], 0: {**state, "subset": subset}}})
+    assert _opt_same(_opt_snapshot(opt), before)
