@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import resu
 from resu.core.selective import SelectionConfig
 from resu.optim.selective import state_layout
-from resu.tensors.mask import MaskEncoding, _storage_dtype, _storage_len
+from resu.tensors.mask_kernels import MaskEncoding, _storage_dtype, _storage_len
 from resu.tensors.quantized import QuantFormat
 from resu.tensors.resu_parameter import ResuParameter
 from resu.tensors.validate import (
@@ -73,7 +73,8 @@ def _built(case: str) -> ResuParameter:
 def _layout(case: str) -> dict:
     """validate_layout's keyword arguments for a fresh copy of ``case``'s parameter."""
     p = _built(case)
-    names, (mode, encoding, n_pruned, fmt) = p.__tensor_flatten__()
+    names, spec = p.__tensor_flatten__()
+    mode, encoding, n_pruned, fmt = spec.mode, spec.encoding_name, spec.n_pruned, spec.qformat
     if case != "dense":
         assert encoding == case.rsplit("-", 1)[1]  # the case really has the intended encoding
     return dict(
@@ -112,7 +113,8 @@ def test_layout_survives_a_weights_only_round_trip(case):
     torch.save({"w": _built(case)}, buf)
     buf.seek(0)
     p = torch.load(buf, weights_only=True)["w"]
-    names, (mode, encoding, n_pruned, fmt) = p.__tensor_flatten__()
+    names, spec = p.__tensor_flatten__()
+    mode, encoding, n_pruned, fmt = spec.mode, spec.encoding_name, spec.n_pruned, spec.qformat
     validate_layout(NAME, shape=p.shape, mode=mode, encoding=encoding, n_pruned=n_pruned, quant_format=fmt,
                     tensors={k: getattr(p, k) for k in names})
 
@@ -727,7 +729,8 @@ def test_dequant_merge_kernel_runs_on_what_its_check_accepts(case):
 
 def test_bitmap_kernels_run_on_what_their_checks_accept():
     triton_bitmap = pytest.importorskip("resu.compile.triton_bitmap")
-    from resu.compile.masked_ops import gather_masked_reference
+    from resu.compile.linear import gather_masked_reference
+    from resu.compile.triton_adamw import bitmap_adamw_triton_
 
     w, storage, n = _on_kernel_device(_bitmap_param())
     check_launch_gather_bitmap(w, storage, n)
@@ -736,8 +739,8 @@ def test_bitmap_kernels_run_on_what_their_checks_accept():
     grad, m, v = _on_kernel_device((torch.randn(n), torch.zeros(n), torch.zeros(n)))
     check_launch_adamw_bitmap(w, grad, m, v, storage, n)
     before = w.clone()
-    triton_bitmap.adamw_bitmap_(w, grad, m, v, storage, True, 1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                                weight_decay=0.0, maximize=False)
+    bitmap_adamw_triton_(w, grad, m, v, storage, True, 1, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                         weight_decay=0.0, maximize=False, n_selected=n)
     pruned = ~_built("resu-bitmap").active_mask.to(KERNEL_DEVICE)
     assert torch.equal(w[~pruned], before[~pruned]) and not torch.equal(w[pruned], before[pruned])
     assert torch.allclose(m, 0.1 * grad, rtol=1e-6, atol=0)

@@ -67,7 +67,7 @@ def test_fused_adamw_matches_reference(device, shape, sparsity, select_pruned, c
     slots = MaskedSlots(w_ref, storage, mask_ops.MaskEncoding.BITMAP, k, select_pruned)
     adamw_reference_(slots, grad, m_ref, v_ref, 3, **hyper)
     w_before = w.clone()
-    triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, select_pruned, 3, **hyper)
+    triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, select_pruned, 3, **hyper, n_selected=n_sel)
     flat_sel = sel.reshape(shape)
     assert torch.equal(w[~flat_sel], w_before[~flat_sel])  # unselected slots never written
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)

@@ -138,7 +138,7 @@ def test_bitmap_key_kernel_matches_the_gather_reference(device, shape, sparsity,
     adamw_reference_(theta, grad, ref[1], ref[2], 3, **hyper, selection=where(keys >= threshold))
     ref[0].view(-1)[index] = theta
     got = [t.clone() for t in (weight, m, v)]
-    ta.bitmap_adamw_triton_(got[0], grad, got[1], got[2], storage, True, 3, **hyper, keys=keys, threshold=threshold)
+    ta.bitmap_adamw_triton_(got[0], grad, got[1], got[2], storage, True, 3, **hyper, n_selected=p, keys=keys, threshold=threshold)
     selected_theta = keys >= threshold
     changed = torch.zeros(numel, dtype=torch.bool, device=device)
     changed[pruned.to(device).nonzero().squeeze(1)[selected_theta]] = True

@@ -55,6 +55,13 @@ def enter_qresu_(
     check_int(group_size, "group_size", "enter_qresu_", minimum=1)
     check_format(bits, scheme, group_size, "enter_qresu_")
     params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_qresu_")
+    flat = [name for name, p in params if p.dim() < 2]
+    if flat:
+        # Scales are laid out per row of the 2-D view (rows = shape[0]); a 1-D weight has no rows.
+        raise ValueError(
+            f"enter_qresu_: QRESU needs weights with at least 2 dimensions (rows × columns); {', '.join(flat)} "
+            "is 1-D. Use resu.enter_resu_ for this model, or keep 1-D weights out of resu.sparsify_ (filter_fn)."
+        )
     fmt = QuantFormat(bits, scheme, group_size)
     states = []
     with torch.no_grad():

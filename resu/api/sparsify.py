@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from resu.tensors.load_checks import register_load_checks
 from resu.tensors.resu_parameter import ResuParameter
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -131,6 +132,8 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
         )
     new = {pid: nn.Parameter(ResuParameter.from_weight(w.data), requires_grad=w.requires_grad) for pid, w in plan.items()}
     _replace_all([(w, new[pid], owners[pid]) for pid, w in plan.items()])
+    # load_state_dict then validates every incoming ResuParameter before it copies anything.
+    register_load_checks(model)
     return model
 
 

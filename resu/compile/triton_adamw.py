@@ -22,6 +22,12 @@ import triton.language as tl
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
+from resu.tensors.validate import (
+    check_launch_adamw_bitmap,
+    check_launch_bitmap_key_adamw,
+    check_launch_indexed_adamw,
+    check_launch_theta_adamw,
+)
 
 BLOCK = 1024
 
@@ -85,6 +91,7 @@ def compact_adamw_triton_(
 ) -> None:
     """AdamW on a compact θ vector: every slot, slots where the bool ``selector`` is True
     (``SELECT_MASK``), or slots whose int64 key in ``selector`` is ≥ the 0-d ``threshold`` (``SELECT_KEY``)."""
+    check_launch_theta_adamw(theta, grad, exp_avg, exp_avg_sq, select_mode, selector, threshold)
     n = theta.numel()
     if n == 0:
         return
@@ -117,6 +124,7 @@ def indexed_adamw_triton_(
     lr, beta1, beta2, eps, weight_decay, maximize,
 ) -> None:
     """AdamW on ``param.view(-1)[param_index]`` with gradient ``grad[grad_index]``; states sized k."""
+    check_launch_indexed_adamw(param, param_index, grad, grad_index, exp_avg, exp_avg_sq)
     k = param_index.numel()
     if k == 0:
         return
@@ -147,13 +155,19 @@ def _bitmap_kernel(
 
 def bitmap_adamw_triton_(
     weight, grad, exp_avg, exp_avg_sq, storage, select_pruned: bool, step, *,
-    lr, beta1, beta2, eps, weight_decay, maximize, keys=None, threshold=None,
+    lr, beta1, beta2, eps, weight_decay, maximize, n_selected: int, keys=None, threshold=None,
 ) -> None:
     """AdamW in place on the selected slots of a bitmap-masked dense ``weight``: every pruned
     (``select_pruned``) or active slot, or with ``keys`` only those whose key is ≥ the 0-d ``threshold``.
 
-    States and ``keys`` are compact (one per selected slot, ascending flat order); ``grad`` is compact
-    or weight-shaped."""
+    ``n_selected`` is the mask's count of selected slots (``n_pruned``, or ``numel - n_pruned`` for the
+    active ones): states and ``keys`` are compact (that many, ascending flat order); ``grad`` is compact
+    or weight-shaped. The kernel writes states at each slot's bitmap rank, so their lengths are checked
+    against the count before launch."""
+    if keys is None:
+        check_launch_adamw_bitmap(weight, grad, exp_avg, exp_avg_sq, storage, n_selected)
+    else:
+        check_launch_bitmap_key_adamw(weight, grad, exp_avg, exp_avg_sq, storage, keys, threshold, n_selected)
     numel = weight.numel()
     if numel == 0 or exp_avg.numel() == 0:
         return

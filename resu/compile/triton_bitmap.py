@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.tensors.validate import check_launch_gather_bitmap
+
 BLOCK = 1024  # slots per program; a multiple of 8 so blocks start on byte boundaries
 NUM_WARPS = 2  # 16 slots per thread: the fastest on an H100 for these memory-bound kernels
 
@@ -112,6 +114,7 @@ def gather_bitmap(
     src: torch.Tensor, storage: torch.Tensor, n_selected: int, select_pruned: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """The selected slots of ``src`` (flattened), ascending, as a compact ``out_dtype`` vector."""
+    check_launch_gather_bitmap(src, storage, n_selected)
     numel = src.numel()
     out = torch.empty(n_selected, dtype=out_dtype, device=src.device)
     if n_selected == 0 or numel == 0:

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
 from resu.tensors import mask as mask_ops
+from resu.tensors.validate import check_launch_dequant_merge
 
 # Slots per program and warps per program: 16 slots per thread amortize the per-block work, and
 # two warps keep the in-block rank scan cheap; the best of a sweep on an H100 (see BENCHMARKS.md).
@@ -129,6 +130,9 @@ def dequant_merge_triton(
     qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
 ) -> torch.Tensor:
     """Effective QRESU weight ``(rows, cols)`` in ``out_dtype`` (see :func:`dequant_merge_reference`)."""
+    check_launch_dequant_merge(
+        qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride
+    )
     numel = rows * cols
     out = torch.empty((rows, cols), dtype=out_dtype, device=qdata.device)
     if numel == 0:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.tensors.validate import check_launch_consistency_pass
+
 BLOCK = 1024
 
 
@@ -78,6 +80,7 @@ def consistency_pass_triton_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EMA update, consistency and eligibility in one pass; ``keys`` is overwritten with the keys of
     the eligible slots (P_mag ∩ P_con) and −1 elsewhere. Returns (ΣC, |P_mag ∩ P_con|) as 0-d tensors."""
+    check_launch_consistency_pass(grad, ema_m, ema_v, keys, screen_threshold)
     n = grad.numel()
     n_blocks = max(1, triton.cdiv(n, BLOCK))
     alloc = torch.empty if n else torch.zeros  # every program writes its own partial

@@ -204,8 +204,9 @@ def _indexed(target, grad, exp_avg, exp_avg_sq, step, selection, hyper) -> None:
 def _bitmap(target, grad, exp_avg, exp_avg_sq, step, selection, hyper) -> None:
     from resu.compile.triton_adamw import bitmap_adamw_triton_
 
+    n_selected = target.n_pruned if target.pruned else target.weight.numel() - target.n_pruned
     bitmap_adamw_triton_(target.weight, grad, exp_avg, exp_avg_sq, target.storage, target.pruned, step, **hyper,
-                         keys=selection.tensor, threshold=selection.threshold)
+                         n_selected=n_selected, keys=selection.tensor, threshold=selection.threshold)
 
 
 def _gathered_compact(target, grad, exp_avg, exp_avg_sq, step, selection, hyper) -> None:

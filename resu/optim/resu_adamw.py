@@ -19,6 +19,7 @@ from resu.optim.selective import (
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
+from resu.tensors.validate import check_optimizer_state
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -134,12 +135,20 @@ class ResuAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, restoring ``selective`` configs and keeping the
-        integer selection states (subset indices) integral and on their parameter's device."""
+        integer selection states (subset indices) integral and on their parameter's device.
+
+        All or nothing: every state the optimizer would use as it is (one laid out for its parameter's
+        current slots) is checked against those slots first (:func:`resu.tensors.validate.check_optimizer_state`:
+        moment lengths, step, selective buffers and subset indices); a bad one raises a
+        :class:`~resu.tensors.validate.CheckpointError` and the optimizer is left unchanged. The kernels
+        trust these lengths, so a wrong one would otherwise write past a state buffer.
+        """
         groups = []
         for group in state_dict["param_groups"]:
             if isinstance(group.get("selective"), dict):
                 group = {**group, "selective": SelectionConfig.from_dict(group["selective"])}
             groups.append(group)
+        self._check_loaded_states(state_dict.get("state"), groups)
         integral = {
             pid: {k: v for k, v in s.items() if k in INTEGER_KEYS and isinstance(v, torch.Tensor)}
             for pid, s in state_dict["state"].items()
@@ -151,6 +160,31 @@ class ResuAdamW(torch.optim.Optimizer):
             for key, value in integral.get(pid, {}).items():
                 on_device = key in ("subset", "subset_positions")  # the others are host counters
                 self.state[p][key] = value.clone().to(p.device if on_device else value.device)
+
+    def _check_loaded_states(self, states: Any, groups: list) -> None:
+        """Pair saved ids with parameters as torch does, and check each state that keeps its layout."""
+        if not isinstance(states, dict) or len(groups) != len(self.param_groups):
+            return  # malformed: Optimizer.load_state_dict refuses it before changing anything
+        for gi, (saved, own) in enumerate(zip(groups, self.param_groups)):
+            ids = saved.get("params", ()) if isinstance(saved, dict) else ()
+            if len(ids) != len(own["params"]):
+                return  # likewise refused by torch
+            for pi, (pid, p) in enumerate(zip(ids, own["params"])):
+                state = states.get(pid)
+                if state is None:
+                    continue
+                layout = p.layout.layout_id if isinstance(p, ResuParameter) else 0
+                if not isinstance(state, dict) or state.get("layout_id") != layout:
+                    continue  # another slot set: _prepare_state restarts (resizes) it at the next step
+                selective = self._selection_for(p, {"selective": saved.get("selective")})
+                n = self._n_trainable(p)
+                positions = None
+                if selective is not None and selective.is_static and p.mode is ResuMode.RESU:
+                    positions = p._pruned_indices()
+                check_optimizer_state(
+                    f"ResuAdamW.load_state_dict: state of parameter {pi} of group {gi}", state,
+                    tuple(p.shape) if n is None else n, None, selective=selective, theta_positions=positions,
+                )
 
     # ------------------------------------------------------------------ state
     @staticmethod

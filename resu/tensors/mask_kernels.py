@@ -391,6 +391,9 @@ def _validate_contents(
     storage: torch.Tensor, encoding: MaskEncoding, numel: int, n_pruned: int
 ) -> None:
     """Check that ``storage`` really encodes ``n_pruned`` pruned positions of ``numel``."""
+    if not storage.is_contiguous():
+        # The values may be right, but the kernels read the storage through its raw pointer.
+        raise ValueError(f"storage: must be contiguous (the mask kernels take its raw pointer), got strides {storage.stride()}")
     if encoding is MaskEncoding.BITMAP:
         tail = numel % 8
         if tail and storage.numel() and int(storage[-1]) >> tail:

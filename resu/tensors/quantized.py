@@ -49,6 +49,10 @@ class QuantFormat:
             return 0
         return -(-max(cols, 1) // self.group_cols(cols))
 
+    def packed_numel(self, numel: int) -> int:
+        """Bytes of packed codes for ``numel`` slots (two codes per byte at 4 bits)."""
+        return (numel + 1) // 2 if self.bits == 4 else numel
+
     def scale_shape(self, rows: int, cols: int) -> tuple[int, ...]:
         if self.scheme == "per_tensor":
             return ()
@@ -59,8 +63,9 @@ class QuantFormat:
 
 def check_format(bits, scheme, group_size, caller: str) -> None:
     """Raise a ValueError naming the bad argument of ``caller``."""
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"{caller}: `bits` must be 4 or 8, got {bits!r}")
+    # Strict: 4.0 == 4, but the packing and kernels index with it, so only the ints themselves pass.
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"{caller}: `bits` must be the int 4 or 8, got {bits!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"{caller}: `scheme` must be one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ATEN_OPS, TORCH_FUNCTIONS, ResuParameter, run_without_subclass
+from resu.tensors.validate import validate_parameter
 
 aten = torch.ops.aten
 
@@ -70,6 +71,20 @@ def _set_data(func, args, kwargs):
         p._weight = new.detach().contiguous()
 
 
+@TORCH_FUNCTIONS.implements(torch.Tensor.requires_grad_)
+def _requires_grad_(func, args, kwargs):
+    """``requires_grad_``, then the RESU gradient hook on the result if it is now a trainable leaf.
+
+    Every new trainable copy passes here: ``nn.Parameter(p)``, ``copy.deepcopy``, and ``model.to()``
+    / ``.cuda()`` / ``to_empty()`` (which wrap the moved weight in a new ``nn.Parameter``). Hooks are
+    never copied with a tensor, so each copy registers its own and trains exactly like the original.
+    """
+    out = run_without_subclass(func, args, kwargs)
+    if isinstance(out, ResuParameter) and out.mode.trains_theta:
+        out._ensure_foreign_grad_hook()
+    return out
+
+
 # ---------------------------------------------------------------------- aten: keep the subclass
 @ATEN_OPS.implements([aten.detach.default, aten.alias.default])
 def _detach(func, args, kwargs):
@@ -90,6 +105,31 @@ def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
     move = (lambda t: t.to(device=device)) if device is not None else None
     return args[0]._map_inner(lambda t, is_value: func(t, **kwargs) if is_value else (move(t) if move else t), move)
+
+
+@ATEN_OPS.implements(aten.empty_like.default)
+def _empty_like(func, args, kwargs):
+    """``torch.empty_like(p)`` (what ``model.to_empty(device=...)`` calls) keeps the subclass and layout.
+
+    Values (weight, θ, codes, scales) are left uninitialized, as for any tensor. The mask is not a value
+    to initialize but part of the layout the kernels index with, so it is carried over; a mask on the
+    ``meta`` device has no data to carry, and that case is refused.
+    """
+    p = args[0]
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    if p.mode.has_mask and p._mask_storage.device.type == "meta" and torch.device(device or p.device).type != "meta":
+        raise RuntimeError(
+            f"empty_like / to_empty of a ResuParameter in {p.mode.name} mode on the meta device: its mask has no "
+            "data, so the weight's layout would be undefined. Call resu.sparsify_ on the meta model, materialize it "
+            "(to_empty), load the weights, then prune; or load a state_dict that carries the masks."
+        )
+    move = (lambda t: t.to(device=device)) if device is not None else (lambda t: t)
+
+    def values(t, is_value):
+        return torch.empty_like(t, device=device, dtype=dtype if is_value else None)
+
+    return p._map_inner(values, lambda m: move(m).clone())
 
 
 @ATEN_OPS.implements(aten.copy_.default)
@@ -116,7 +156,12 @@ def _copy_(func, args, kwargs):
 
 
 def _adopt_copy(dst: ResuParameter, src: ResuParameter) -> None:
-    """Make ``dst`` a copy of ``src`` (values, mode, mask, quantized state) on ``dst``'s device and dtype."""
+    """Make ``dst`` a copy of ``src`` (values, mode, mask, quantized state) on ``dst``'s device and dtype.
+
+    ``src`` may come from a checkpoint: it is validated first, before anything changes (``load_state_dict``
+    validates every entry earlier still, under its key, through the hook :func:`resu.sparsify_` registers).
+    """
+    validate_parameter("copy_ source", src)
     device = dst.device
     inner = {}
     for name in src.layout.inner_names:

@@ -34,6 +34,7 @@ from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
 from resu.tensors.op_table import OpTable
 from resu.tensors.quantized import QuantFormat, QuantizedState
+from resu.tensors.validate import CheckpointError, validate_resu_layout
 
 #: ``__torch_function__`` handlers, keyed by the Python-level function.
 TORCH_FUNCTIONS = OpTable()
@@ -105,6 +106,13 @@ class ResuParameter(torch.Tensor):
     def __reduce_ex__(self, protocol):
         args = (self._layout.to_dict(), self._inner(), tuple(self.shape), self.requires_grad, getattr(self, "_is_param", False))
         return _rebuild_resu_parameter, args
+
+    def __deepcopy__(self, memo):
+        # torch's deepcopy clones the tensor and its __dict__ but not its hooks: register ours again.
+        copied = super().__deepcopy__(memo)
+        if copied.mode.trains_theta:
+            copied._ensure_foreign_grad_hook()
+        return copied
 
     def __repr__(self) -> str:
         extra = ""
@@ -297,13 +305,17 @@ class ResuParameter(torch.Tensor):
     def _ensure_foreign_grad_hook(self) -> None:
         """Register :func:`compact_foreign_grad` once on this (leaf, trainable) parameter.
 
-        Done on entering RESU mode. A hook lives on the Python object, so a later ``model.to(...)``
-        or ``.cuda()`` (which swaps in a new parameter) drops it; foreign dense gradients then stay
-        dense, which ResuAdamW still handles correctly (it uses their θ part only).
+        Done on entering RESU mode, and on every new trainable copy (``nn.Parameter(...)``,
+        ``copy.deepcopy``, ``model.to(...)``, ``.cuda()``, unpickling): hooks belong to one tensor
+        object and are never copied, so each copy registers its own; without it a copy's clip norm
+        would include the frozen slots' part of foreign dense gradients. Whether it is registered is
+        read off the tensor's own hooks (a flag in ``__dict__`` would be copied while the hook is not).
         """
-        if self.requires_grad and self.grad_fn is None and not self.__dict__.get("_foreign_grad_hook"):
+        if not (self.requires_grad and self.grad_fn is None):
+            return
+        hooks = self._post_accumulate_grad_hooks
+        if hooks is None or not any(h is compact_foreign_grad for h in hooks.values()):
             self.register_post_accumulate_grad_hook(compact_foreign_grad)
-            self._foreign_grad_hook = True
 
     @torch.no_grad()
     def _apply_pruning_(self, pruned: torch.Tensor) -> None:
@@ -402,10 +414,26 @@ def compact_foreign_grad(param: "ResuParameter") -> None:
         param.grad = CompactGrad(values, param._mask_storage, layout.encoding, param.shape)
 
 
+_UNPICKLED = "ResuParameter (unpickled)"  # the name is unknown here; load_state_dict names it again
+
+
 def _rebuild_resu_parameter(layout: dict, inner: dict, shape, requires_grad: bool, is_param: bool = False):
-    p = ResuParameter(ResuLayout.from_dict(layout), inner, shape=torch.Size(shape), requires_grad=requires_grad)
+    """Unpickling (``torch.load``, also with ``weights_only=True``): everything is validated before the
+    parameter is built, since a pickle is untrusted data and the kernels trust lengths."""
+    if not isinstance(layout, dict):
+        raise CheckpointError(_UNPICKLED, "layout", "a dict (ResuLayout.to_dict())", type(layout).__name__)
+    try:
+        spec = ResuLayout.from_dict(layout)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(_UNPICKLED, "layout", "a layout written by resu", f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise CheckpointError(_UNPICKLED, "shape", "a tuple of ints", type(shape).__name__)
+    validate_resu_layout(_UNPICKLED, spec, tuple(shape), inner)
+    p = ResuParameter(spec, dict(inner), shape=torch.Size(shape), requires_grad=bool(requires_grad))
     if is_param:
         p._is_param = True  # what nn.Parameter(subclass) sets: keeps isinstance(p, nn.Parameter) after torch.load
+    if p.mode.trains_theta:
+        p._ensure_foreign_grad_hook()
     return p
 
 

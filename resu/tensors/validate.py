@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
-from resu.core.selective import STRATEGIES, SelectionConfig
-from resu.tensors.mask import MAX_NUMEL, MaskEncoding, _storage_dtype, _storage_len
+if TYPE_CHECKING:  # the optimizer package imports the tensors package: imported lazily at run time
+    from resu.core.selective import SelectionConfig
+from resu.tensors.mask_kernels import MAX_NUMEL, MaskEncoding, _storage_dtype, _storage_len
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import BITS, SCHEMES, QuantFormat
 
@@ -47,6 +48,8 @@ __all__ = [
     "check_launch_theta_adamw",
     "check_optimizer_state",
     "validate_layout",
+    "validate_parameter",
+    "validate_resu_layout",
 ]
 
 #: The inner tensors a ResuParameter holds in each mode (``__tensor_flatten__`` names).
@@ -322,6 +325,21 @@ def validate_layout(
         _check_pruned_zero(name, present["_weight"], storage, enc, numel)
 
 
+def validate_resu_layout(name: str, layout: Any, shape: Sequence[int], tensors: Mapping[str, Any]) -> None:
+    """:func:`validate_layout` for a :class:`~resu.tensors.layout.ResuLayout` spec and its inner tensors
+    (what ``__tensor_flatten__`` gives). Untrusted loaders call it before building a ResuParameter."""
+    validate_layout(
+        name, shape=shape, mode=layout.mode, encoding=layout.encoding, n_pruned=layout.n_pruned,
+        quant_format=layout.qformat, tensors=tensors,
+    )
+
+
+def validate_parameter(name: str, p: torch.Tensor) -> None:
+    """:func:`validate_layout` of an existing ResuParameter ``p`` (one read from a checkpoint, say)."""
+    names, layout = p.__tensor_flatten__()
+    validate_resu_layout(name, layout, tuple(p.shape), {k: getattr(p, k) for k in names})
+
+
 # --------------------------------------------------------------------------
 # Optimizer state
 # --------------------------------------------------------------------------
@@ -332,6 +350,8 @@ _EMA_KEYS = ("selection_m", "selection_v")
 
 def _selection_layout(config: SelectionConfig, n_slots: int) -> tuple[tuple[int, int], int]:
     """``(tag, Adam state length)`` of a selective weight, as ``resu.optim.selective.state_layout``."""
+    from resu.core.selective import STRATEGIES
+
     code = STRATEGIES.index(config.strategy)
     if config.is_static:
         k = config.select_count(n_slots)
@@ -393,7 +413,7 @@ def check_optimizer_state(
     dtype: Optional[torch.dtype],
     *,
     device: Optional[Union[torch.device, str]] = None,
-    selective: Optional[SelectionConfig] = None,
+    selective: Optional["SelectionConfig"] = None,
     theta_positions: Optional[torch.Tensor] = None,
 ) -> None:
     """Check one ``ResuAdamW`` state entry against the slots it trains.
@@ -535,7 +555,7 @@ def check_launch_adamw_bitmap(
     weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     storage: torch.Tensor, n_selected: int,
 ) -> None:
-    """Before ``triton_bitmap.adamw_bitmap_``: states hold one entry per selected slot (``n_pruned`` for
+    """Before ``triton_adamw.bitmap_adamw_triton_`` without keys: states hold one entry per selected slot (``n_pruned`` for
     θ, ``numel - n_pruned`` for active slots) and the gradient is compact (that many) or dense (numel).
     The launcher treats any gradient whose length is not ``numel`` as compact, so the length matters."""
     launcher = "adamw_bitmap_"
@@ -590,7 +610,7 @@ def check_launch_theta_adamw(
     theta: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     select_mode: int = 0, selector: Optional[torch.Tensor] = None, threshold: Optional[torch.Tensor] = None,
 ) -> None:
-    """Before ``triton_selective.theta_adamw_triton_``: gradient and states sized like θ; a bool
+    """Before ``triton_adamw.compact_adamw_triton_``: gradient and states sized like θ; a bool
     ``selector`` sized like θ (select_mode 1) or int64 keys sized like θ with a one-element int64
     ``threshold`` (select_mode 2)."""
     launcher = "theta_adamw"
@@ -611,7 +631,7 @@ def check_launch_indexed_adamw(
     param: torch.Tensor, param_index: torch.Tensor, grad: torch.Tensor, grad_index: torch.Tensor,
     exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
 ) -> None:
-    """Before ``triton_selective.indexed_adamw_triton_``: k indices into the parameter and into the
+    """Before ``triton_adamw.indexed_adamw_triton_``: k indices into the parameter and into the
     gradient, states of k. Index *values* are the subset of the optimizer state, which
     :func:`check_optimizer_state` range-checks at load time."""
     launcher = "indexed_adamw"
@@ -632,14 +652,18 @@ def check_launch_bitmap_key_adamw(
     weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     storage: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor, n_pruned: int,
 ) -> None:
-    """Before ``triton_selective.bitmap_key_adamw_triton_``: gradient, states and keys compact
-    (``n_pruned`` each, the mask's count, not the keys' own length) and bitmap bytes for the weight."""
+    """Before ``triton_adamw.bitmap_adamw_triton_`` with keys: states and keys compact (``n_pruned`` each:
+    the mask's count of selected slots, not the keys' own length), the gradient compact or weight-shaped,
+    and bitmap bytes for the weight."""
     launcher = "bitmap_key_adamw"
     _need(launcher, "weight", weight, floating=True)
     numel = weight.numel()
     _need_bitmap(launcher, storage, numel, weight.device)
     _need_count(launcher, "n_pruned", n_pruned, numel)
-    for arg, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    _need(launcher, "grad", grad, floating=True, device=weight.device)
+    if grad.numel() not in (n_pruned, numel):
+        raise _launch_error(launcher, "grad", f"{n_pruned} (compact) or {numel} (dense) elements", grad.numel())
+    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _need(launcher, arg, t, numel=n_pruned, floating=True, device=weight.device)
     _need(launcher, "keys", keys, numel=n_pruned, dtype=torch.int64, device=weight.device)
     _need(launcher, "threshold", threshold, numel=1, dtype=torch.int64, device=weight.device)

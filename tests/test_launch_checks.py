@@ -1,0 +1,110 @@
+"""The Triton launchers refuse lengths that do not match the mask, before launching.
+
+Run on CPU under ``TRITON_INTERPRET=1`` (set by conftest) and on a GPU as they are. Each launcher is
+called once with valid buffers (it runs and writes) and once with a buffer one element too short or
+too long (it raises a ValueError naming the argument, and no buffer is written).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resu.tensors import mask_kernels as mask_ops
+
+triton_adamw = pytest.importorskip("resu.compile.triton_adamw")
+from resu.compile import triton_bitmap, triton_qresu, triton_selective  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HYPER = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, maximize=False)
+SHAPE = (9, 14)
+
+
+def _bitmap(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pruned = torch.rand(SHAPE, generator=g) < 0.4
+    storage = mask_ops._encode_as(pruned, mask_ops.MaskEncoding.BITMAP).to(DEVICE)
+    return pruned.to(DEVICE), storage, int(pruned.sum())
+
+
+def _untouched(*tensors):
+    return [t.clone() for t in tensors]
+
+
+def _assert_untouched(saved, tensors):
+    assert all(torch.equal(a, b) for a, b in zip(saved, tensors))
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_bitmap_adamw_refuses_states_of_the_wrong_length(delta):
+    pruned, storage, n = _bitmap()
+    w = torch.randn(SHAPE, device=DEVICE)
+    grad = torch.randn(n, device=DEVICE)
+    m, v = torch.zeros(n + delta, device=DEVICE), torch.zeros(n + delta, device=DEVICE)
+    saved = _untouched(w, m, v)
+    with pytest.raises(ValueError, match="exp_avg"):
+        triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, True, 1, **HYPER, n_selected=n)
+    _assert_untouched(saved, (w, m, v))
+    m, v = torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, True, 1, **HYPER, n_selected=n)
+    assert not torch.equal(w[pruned], saved[0][pruned]) and torch.equal(w[~pruned], saved[0][~pruned])
+
+
+def test_bitmap_adamw_with_keys_refuses_keys_of_the_wrong_length():
+    _, storage, n = _bitmap()
+    w = torch.randn(SHAPE, device=DEVICE)
+    grad, m, v = torch.randn(n, device=DEVICE), torch.zeros(n, device=DEVICE), torch.zeros(n, device=DEVICE)
+    keys = torch.arange(n - 1, device=DEVICE)
+    saved = _untouched(w, m, v)
+    with pytest.raises(ValueError, match="keys"):
+        triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, True, 1, **HYPER, n_selected=n, keys=keys,
+                                          threshold=torch.tensor(0, device=DEVICE))
+    _assert_untouched(saved, (w, m, v))
+
+
+def test_gather_bitmap_refuses_storage_of_the_wrong_length():
+    _, storage, n = _bitmap()
+    src = torch.randn(SHAPE, device=DEVICE)
+    with pytest.raises(ValueError, match="storage"):
+        triton_bitmap.gather_bitmap(src, storage[:-1].clone(), n, True, torch.float32)
+    with pytest.raises(ValueError, match="n_selected"):
+        triton_bitmap.gather_bitmap(src, storage, src.numel() + 1, True, torch.float32)
+
+
+def test_compact_and_indexed_adamw_refuse_mismatched_lengths():
+    theta = torch.randn(20, device=DEVICE)
+    saved = _untouched(theta)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        triton_adamw.compact_adamw_triton_(theta, torch.randn(20, device=DEVICE), torch.zeros(20, device=DEVICE),
+                                           torch.zeros(19, device=DEVICE), 1, **HYPER)
+    with pytest.raises(ValueError, match="grad_index"):
+        triton_adamw.indexed_adamw_triton_(theta, torch.arange(5, device=DEVICE), torch.randn(20, device=DEVICE),
+                                           torch.arange(4, device=DEVICE), torch.zeros(5, device=DEVICE),
+                                           torch.zeros(5, device=DEVICE), 1, **HYPER)
+    _assert_untouched(saved, (theta,))
+
+
+def test_dequant_merge_refuses_theta_one_short():
+    import resu
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    model = resu.sparsify_(nn.Sequential(nn.Linear(SHAPE[1], SHAPE[0])))
+    resu.prune_(model, 0.5)
+    resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4)
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in model[0].weight._quant_op_args()]
+    out = triton_qresu.dequant_merge_triton(*args, torch.float32)
+    assert out.shape == SHAPE
+    args[3] = args[3][:-1].clone()  # θ
+    with pytest.raises(ValueError, match="theta"):
+        triton_qresu.dequant_merge_triton(*args, torch.float32)
+
+
+def test_consistency_pass_refuses_emas_of_the_wrong_length():
+    grad = torch.randn(30, device=DEVICE)
+    keys = torch.zeros(30, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="ema_v"):
+        triton_selective.consistency_pass_triton_(
+            grad, torch.zeros(30, device=DEVICE), torch.zeros(29, device=DEVICE), keys,
+            torch.tensor(0, device=DEVICE), beta=0.9, delta=1e-8, tau=0.5, maximize=False,
+        )
