@@ -24,9 +24,7 @@ from resu.optim.selective import state_layout
 from resu.tensors.mask_kernels import MaskEncoding, _storage_dtype, _storage_len
 from resu.tensors.quantized import QuantFormat
 from resu.tensors.resu_parameter import ResuParameter
-from resu.tensors.validate import (
-    CheckpointError,
-    _selection_layout,
+from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
     check_launch_consistency_pass,
@@ -34,9 +32,9 @@ from resu.tensors.validate import (
     check_launch_gather_bitmap,
     check_launch_indexed_adamw,
     check_launch_theta_adamw,
-    check_optimizer_state,
-    validate_layout,
 )
+from resu.optim.state_checks import _selection_layout, check_optimizer_state
+from resu.tensors.validate import CheckpointError, validate_layout
 
 NAME = "fc.weight"
 SHAPE = (7, 13)  # 91 slots: an odd count (a half-used last 4-bit byte) and 5 bitmap padding bits

@@ -22,7 +22,7 @@ import triton.language as tl
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
-from resu.tensors.validate import (
+from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
     check_launch_indexed_adamw,

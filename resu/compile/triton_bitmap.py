@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.tensors.validate import check_launch_gather_bitmap
+from resu.compile.launch_checks import check_launch_gather_bitmap
 
 BLOCK = 1024  # slots per program; a multiple of 8 so blocks start on byte boundaries
 NUM_WARPS = 2  # 16 slots per thread: the fastest on an H100 for these memory-bound kernels

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
 from resu.tensors import mask as mask_ops
-from resu.tensors.validate import check_launch_dequant_merge
+from resu.compile.launch_checks import check_launch_dequant_merge
 
 # Slots per program and warps per program: 16 slots per thread amortize the per-block work, and
 # two warps keep the in-block rank scan cheap; the best of a sweep on an H100 (see BENCHMARKS.md).

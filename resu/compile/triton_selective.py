@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.tensors.validate import check_launch_consistency_pass
+from resu.compile.launch_checks import check_launch_consistency_pass
 
 BLOCK = 1024
 

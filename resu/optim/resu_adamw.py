@@ -19,7 +19,7 @@ from resu.optim.selective import (
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
-from resu.tensors.validate import check_optimizer_state
+from resu.optim.state_checks import check_optimizer_state
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -138,7 +138,7 @@ class ResuAdamW(torch.optim.Optimizer):
         integer selection states (subset indices) integral and on their parameter's device.
 
         All or nothing: every state the optimizer would use as it is (one laid out for its parameter's
-        current slots) is checked against those slots first (:func:`resu.tensors.validate.check_optimizer_state`:
+        current slots) is checked against those slots first (:func:`resu.optim.state_checks.check_optimizer_state`:
         moment lengths, step, selective buffers and subset indices); a bad one raises a
         :class:`~resu.tensors.validate.CheckpointError` and the optimizer is left unchanged. The kernels
         trust these lengths, so a wrong one would otherwise write past a state buffer.

@@ -1,64 +1,40 @@
-"""Validation of data that enters from outside: a ResuParameter's layout, an optimizer state, a kernel launch.
+"""Validation of a ResuParameter's data when it enters from outside (a checkpoint, a pickle, a file).
 
 The kernels trust lengths. A bitmap with one bit too many makes the bitmap kernels write one slot past
 θ's Adam states; a θ one element short makes ``dequant_merge`` read past θ's end. On a GPU that is
 silent memory corruption, so everything a checkpoint can set is checked once, when it is loaded:
+:func:`validate_layout` checks a ResuParameter's metadata (mode, shape, mask encoding, ``n_pruned``,
+quantization format) against its inner tensors (dtypes, shapes, devices, contiguity) and the mask's
+contents (index range, order and uniqueness; bitmap popcount and padding); in SPARSE mode, that the
+pruned slots of the weight hold zero. O(numel), a handful of host syncs: call it once per load.
 
-- :func:`validate_layout`: a ResuParameter's metadata (mode, shape, mask encoding, ``n_pruned``,
-  quantization format) against its inner tensors (dtypes, shapes, devices, contiguity) and the mask's
-  contents (index range, order and uniqueness; bitmap popcount and padding); in SPARSE mode, that the
-  pruned slots of the weight hold zero. O(numel), a handful of host syncs: call it once per load.
-- :func:`check_optimizer_state`: one ``ResuAdamW`` state entry (Adam moments, step counter,
-  RESU-Selective buffers and subset indices) against the slots it belongs to.
-- ``check_launch_*``: what each Triton launcher relies on, from tensor metadata only (``numel``,
-  ``dtype``, ``device``, contiguity): no device sync, so they can run before every launch. They check
-  lengths; the contents a length check cannot see (popcounts, index values) are what
-  :func:`validate_layout` and :func:`check_optimizer_state` guarantee at load time.
-
-Every check raises a :class:`CheckpointError` (a ``ValueError``) naming the parameter, the field, what
-was expected, what was found and the fix, before anything is changed: the functions here only read.
-
-This module depends on the mask, mode and quantization definitions only; it mirrors (and its tests
-compare against) the optimizer's state layout rather than importing the optimizer.
+The optimizer's states are checked by :mod:`resu.optim.state_checks`, kernel launches by
+:mod:`resu.compile.launch_checks`. Every check raises a :class:`CheckpointError` (a ``ValueError``)
+naming the parameter, the field, what was expected, what was found and the fix, before anything is
+changed: the functions here only read.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-if TYPE_CHECKING:  # the optimizer package imports the tensors package: imported lazily at run time
-    from resu.core.selective import SelectionConfig
 from resu.tensors.mask_kernels import MAX_NUMEL, MaskEncoding, _storage_dtype, _storage_len
+from resu.tensors.layout import INNER_TENSORS
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import BITS, SCHEMES, QuantFormat
 
 __all__ = [
     "CheckpointError",
     "INNER_TENSORS",
-    "check_launch_adamw_bitmap",
-    "check_launch_bitmap_key_adamw",
-    "check_launch_consistency_pass",
-    "check_launch_dequant_merge",
-    "check_launch_gather_bitmap",
-    "check_launch_indexed_adamw",
-    "check_launch_theta_adamw",
-    "check_optimizer_state",
     "validate_layout",
     "validate_parameter",
     "validate_resu_layout",
 ]
 
-#: The inner tensors a ResuParameter holds in each mode (``__tensor_flatten__`` names).
-INNER_TENSORS: dict[ResuMode, tuple[str, ...]] = {
-    ResuMode.DENSE: ("_weight",),
-    ResuMode.SPARSE: ("_weight", "_mask_storage"),
-    ResuMode.RESU: ("_weight", "_mask_storage"),
-    ResuMode.QRESU: ("_qdata", "_qscale", "_qzero", "_theta", "_mask_storage"),
-}
 _ALL_INNER = frozenset(n for names in INNER_TENSORS.values() for n in names)
 
 _CHECKPOINT_FIX = (
@@ -338,346 +314,3 @@ def validate_parameter(name: str, p: torch.Tensor) -> None:
     """:func:`validate_layout` of an existing ResuParameter ``p`` (one read from a checkpoint, say)."""
     names, layout = p.__tensor_flatten__()
     validate_resu_layout(name, layout, tuple(p.shape), {k: getattr(p, k) for k in names})
-
-
-# --------------------------------------------------------------------------
-# Optimizer state
-# --------------------------------------------------------------------------
-
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_EMA_KEYS = ("selection_m", "selection_v")
-
-
-def _selection_layout(config: SelectionConfig, n_slots: int) -> tuple[tuple[int, int], int]:
-    """``(tag, Adam state length)`` of a selective weight, as ``resu.optim.selective.state_layout``."""
-    from resu.core.selective import STRATEGIES
-
-    code = STRATEGIES.index(config.strategy)
-    if config.is_static:
-        k = config.select_count(n_slots)
-        return (code, k), k
-    return (code, 0), n_slots
-
-
-def _as_tag(tag: Any) -> Optional[tuple]:
-    return tuple(tag) if isinstance(tag, (tuple, list)) else tag
-
-
-def _scalar_value(name: str, field: str, t: Any, *, integral_dtype: bool) -> float:
-    if not isinstance(t, torch.Tensor) or t.numel() != 1:
-        raise CheckpointError(name, field, "a one-element tensor", _describe(t))
-    if integral_dtype and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise CheckpointError(name, f"{field}.dtype", "an integer dtype", str(t.dtype))
-    if not integral_dtype and (t.is_complex() or t.dtype == torch.bool):
-        raise CheckpointError(name, f"{field}.dtype", "a real dtype", str(t.dtype))
-    return t.item()  # a host counter in ResuAdamW states; at most one sync, once per load
-
-
-def _check_state_tensor(name, field, t, length_or_shape, dtype, device) -> None:
-    if not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter):
-        raise CheckpointError(name, field, "a plain tensor", _describe(t))
-    if not t.is_floating_point():
-        raise CheckpointError(name, f"{field}.dtype", "a floating-point dtype", str(t.dtype))
-    if dtype is not None and t.dtype != dtype:
-        raise CheckpointError(name, f"{field}.dtype", str(dtype), str(t.dtype))
-    if device is not None and t.device != torch.device(device):
-        raise CheckpointError(name, f"{field}.device", str(device), str(t.device))
-    if length_or_shape is not None:
-        want = (length_or_shape,) if _is_int(length_or_shape) else tuple(length_or_shape)
-        if tuple(t.shape) != want:
-            raise CheckpointError(name, f"{field}.shape", f"{want} (one entry per trainable slot)", str(tuple(t.shape)))
-    if not t.is_contiguous():
-        raise CheckpointError(name, field, "contiguous (the kernels take raw pointers)", f"strides {t.stride()}")
-
-
-def _check_index_vector(name, field, t, length, bound) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
-        raise CheckpointError(name, field, "an int64 tensor", _describe(t))
-    if tuple(t.shape) != (length,):
-        raise CheckpointError(name, f"{field}.shape", f"({length},)", str(tuple(t.shape)))
-    if not t.is_contiguous():
-        raise CheckpointError(name, field, "contiguous", f"strides {t.stride()}")
-    if length:
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= bound:
-            raise CheckpointError(name, field, f"indices in [0, {bound})", f"values in [{lo}, {hi}]")
-        if length > 1 and not bool((t[1:] > t[:-1]).all()):
-            raise CheckpointError(name, field, "strictly increasing (sorted, unique) indices", "unsorted or duplicated")
-    return t
-
-
-def check_optimizer_state(
-    name: str,
-    state: Mapping[str, Any],
-    n_slots: Union[int, Sequence[int]],
-    dtype: Optional[torch.dtype],
-    *,
-    device: Optional[Union[torch.device, str]] = None,
-    selective: Optional["SelectionConfig"] = None,
-    theta_positions: Optional[torch.Tensor] = None,
-) -> None:
-    """Check one ``ResuAdamW`` state entry against the slots it trains.
-
-    Call it for a state the optimizer will use as it is: one whose ``layout_id`` equals the parameter's
-    (``ResuAdamW`` restarts a state of another layout from zero, resizing its buffers). Before
-    ``Optimizer.load_state_dict`` casts states, pass ``dtype=None``/``device=None`` (any floating dtype,
-    any device); after, the parameter's.
-
-    Args:
-        name: the parameter's name, for messages.
-        state: the entry (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``layout_id``,
-            ``selection`` and the RESU-Selective buffers).
-        n_slots: trainable slots of the parameter: an int (SPARSE: active slots; RESU/QRESU: ``n_pruned``),
-            or the weight's shape when every slot trains (DENSE, plain parameters).
-        dtype: the dtype the moments must have, or None for any floating dtype.
-        device: the device the moments must be on, or None.
-        selective: the :class:`SelectionConfig` applied to this weight, or None.
-        theta_positions: static selective strategies on a RESU weight: the flat positions of its θ slots
-            in the weight (ascending pruned indices), to check ``subset_positions``; None when θ is its own
-            vector (QRESU), where the positions are the subset itself.
-
-    Raises:
-        CheckpointError: naming ``name`` and the state key.
-    """
-    if not isinstance(state, Mapping):
-        raise CheckpointError(name, "state", "a mapping", _describe(state))
-    if len(state) == 0:
-        return  # a fresh state: the optimizer builds it on the first step
-    if not (_is_int(n_slots) and n_slots >= 0) and not (
-        isinstance(n_slots, (tuple, list, torch.Size)) and all(_is_int(d) and d >= 0 for d in n_slots)
-    ):
-        raise ValueError(f"check_optimizer_state: `n_slots` must be an int >= 0 or a shape, got {n_slots!r}")
-
-    step = _scalar_value(name, "step", state.get("step"), integral_dtype=False)
-    if not (math.isfinite(step) and step >= 0 and step == int(step)):
-        raise CheckpointError(name, "step", "a finite whole number >= 0", repr(step))
-    if "layout_id" in state and not _is_int(state["layout_id"]):
-        raise CheckpointError(name, "layout_id", "an int", repr(state["layout_id"]))
-    tag = _as_tag(state.get("selection"))
-    if tag is not None and not (len(tag) == 2 and all(_is_int(x) for x in tag)):
-        raise CheckpointError(name, "selection", "None or a pair of ints (strategy, k)", repr(state.get("selection")))
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key not in state:
-            raise CheckpointError(name, key, "present in a non-empty state", "missing")
-
-    # Which layout the optimizer will read the buffers with; any other tag makes it restart them.
-    if selective is None:
-        expected_tag, length = None, n_slots
-    else:
-        if not _is_int(n_slots):
-            raise ValueError("check_optimizer_state: selective states need `n_slots` as an int (θ slots)")
-        expected_tag, length = _selection_layout(selective, n_slots)
-    reused = tag == expected_tag
-    for key in _ADAM_KEYS:
-        if key in state:
-            _check_state_tensor(name, key, state[key], length if reused else None, dtype, device)
-    if not reused or selective is None:
-        return
-
-    if not selective.is_static:
-        for key in _EMA_KEYS:
-            if key in state:
-                _check_state_tensor(name, key, state[key], n_slots, dtype, device)
-        return
-    if "subset" not in state:
-        return  # chosen afresh at the next step
-    k = length
-    subset = _check_index_vector(name, "subset", state["subset"], k, n_slots)
-    positions = state.get("subset_positions")
-    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.int64 or tuple(positions.shape) != (k,):
-        raise CheckpointError(name, "subset_positions", f"an int64 tensor of shape ({k},)", _describe(positions))
-    if theta_positions is None:
-        expected = subset  # θ is its own vector: a slot's position is its θ index
-    else:
-        if theta_positions.numel() != n_slots:
-            raise ValueError(f"check_optimizer_state: `theta_positions` must have n_slots={n_slots} entries")
-        expected = theta_positions.to(subset.device, torch.int64).index_select(0, subset)
-    if not positions.is_contiguous() or not torch.equal(positions.to(expected.device), expected):
-        raise CheckpointError(
-            name, "subset_positions", "the contiguous flat positions of the `subset` θ slots", "other positions"
-        )
-    if "subset_choices" in state:
-        choices = _scalar_value(name, "subset_choices", state["subset_choices"], integral_dtype=True)
-        if choices < 0:
-            raise CheckpointError(name, "subset_choices", "an int >= 0", repr(choices))
-    if "subset_seed" in state:
-        seed = _scalar_value(name, "subset_seed", state["subset_seed"], integral_dtype=True)
-        if not 0 <= seed < 2**62:
-            raise CheckpointError(name, "subset_seed", "an int in [0, 2**62)", repr(seed))
-
-
-# --------------------------------------------------------------------------
-# Kernel launches (metadata only: no device sync)
-# --------------------------------------------------------------------------
-
-
-def _launch_error(launcher: str, arg: str, expected: str, found: Any) -> ValueError:
-    return ValueError(
-        f"{launcher}: `{arg}` must be {expected}, got {found}; the caller passed a layout that does not match "
-        "the mask (validate checkpoints with resu.tensors.validate.validate_layout when loading them)"
-    )
-
-
-def _need(launcher, arg, t, *, numel=None, dtype=None, floating=False, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise _launch_error(launcher, arg, "a tensor", type(t).__name__)
-    if numel is not None and t.numel() != numel:
-        raise _launch_error(launcher, arg, f"{numel} elements", f"{t.numel()} (shape {tuple(t.shape)})")
-    if dtype is not None and t.dtype != dtype:
-        raise _launch_error(launcher, f"{arg}.dtype", str(dtype), str(t.dtype))
-    if floating and not t.is_floating_point():
-        raise _launch_error(launcher, f"{arg}.dtype", "floating-point", str(t.dtype))
-    if not t.is_contiguous():
-        raise _launch_error(launcher, arg, "contiguous (the kernel takes its raw pointer)", f"strides {t.stride()}")
-    if device is not None and t.device != device:
-        raise _launch_error(launcher, f"{arg}.device", str(device), str(t.device))
-
-
-def _need_count(launcher, arg, n, upper) -> None:
-    if not (_is_int(n) and 0 <= n <= upper):
-        raise _launch_error(launcher, arg, f"an int in [0, {upper}]", repr(n))
-
-
-def _need_bitmap(launcher, storage, numel, device) -> None:
-    _need(launcher, "storage", storage, numel=(numel + 7) // 8, dtype=torch.uint8, device=device)
-
-
-def check_launch_gather_bitmap(src: torch.Tensor, storage: torch.Tensor, n_selected: int) -> None:
-    """Before ``triton_bitmap.gather_bitmap``: bitmap bytes for ``src.numel()`` slots, and a count of
-    selected slots (the output length) within them."""
-    launcher = "gather_bitmap"
-    _need(launcher, "src", src)  # reshape(-1) of a strided 1-D tensor stays strided: the pointer would lie
-    _need_bitmap(launcher, storage, src.numel(), src.device)
-    _need_count(launcher, "n_selected", n_selected, src.numel())
-
-
-def check_launch_adamw_bitmap(
-    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    storage: torch.Tensor, n_selected: int,
-) -> None:
-    """Before ``triton_adamw.bitmap_adamw_triton_`` without keys: states hold one entry per selected slot (``n_pruned`` for
-    θ, ``numel - n_pruned`` for active slots) and the gradient is compact (that many) or dense (numel).
-    The launcher treats any gradient whose length is not ``numel`` as compact, so the length matters."""
-    launcher = "adamw_bitmap_"
-    numel = weight.numel()
-    _need(launcher, "weight", weight, floating=True)
-    _need_bitmap(launcher, storage, numel, weight.device)
-    _need_count(launcher, "n_selected", n_selected, numel)
-    _need(launcher, "grad", grad, floating=True, device=weight.device)
-    if grad.numel() not in (n_selected, numel):
-        raise _launch_error(launcher, "grad", f"{n_selected} (compact) or {numel} (dense) elements", grad.numel())
-    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _need(launcher, arg, t, numel=n_selected, floating=True, device=weight.device)
-
-
-def check_launch_dequant_merge(
-    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, theta: torch.Tensor, storage: torch.Tensor,
-    encoding: Union[MaskEncoding, str], n_pruned: int, rows: int, cols: int, bits: int, group_cols: int,
-    row_stride: int,
-) -> None:
-    """Before ``triton_qresu.dequant_merge_triton``: packed codes for ``rows × cols`` slots, one scale and
-    zero per group the indexing ``row * row_stride + col // group_cols`` can reach, θ of ``n_pruned``, and
-    mask storage of the encoding's length."""
-    launcher = "dequant_merge"
-    for arg, v in (("rows", rows), ("cols", cols)):
-        if not (_is_int(v) and v >= 0):
-            raise _launch_error(launcher, arg, "an int >= 0", repr(v))
-    numel = rows * cols
-    if not (_is_int(bits) and bits in BITS):
-        raise _launch_error(launcher, "bits", "the int 4 or 8", repr(bits))
-    if not (_is_int(group_cols) and group_cols >= 1):
-        raise _launch_error(launcher, "group_cols", "an int >= 1", repr(group_cols))
-    min_stride = -(-max(cols, 1) // group_cols)
-    if not (_is_int(row_stride) and (row_stride == 0 or row_stride >= min_stride)):
-        raise _launch_error(launcher, "row_stride", f"0 (one scale) or an int >= ceil(cols / group_cols) = {min_stride}",
-                            repr(row_stride))
-    try:
-        enc = MaskEncoding(encoding)
-    except (ValueError, TypeError):
-        raise _launch_error(launcher, "encoding", "a mask encoding", repr(encoding)) from None
-    _need_count(launcher, "n_pruned", n_pruned, numel)
-    device = qdata.device if isinstance(qdata, torch.Tensor) else None
-    packed = (numel + 1) // 2 if bits == 4 else numel
-    _need(launcher, "qdata", qdata, numel=packed, dtype=torch.uint8)
-    n_scales = 1 if row_stride == 0 else rows * row_stride
-    _need(launcher, "scale", scale, numel=n_scales, floating=True, device=device)
-    _need(launcher, "zero", zero, numel=n_scales, floating=True, device=device)
-    _need(launcher, "theta", theta, numel=n_pruned, floating=True, device=device)
-    _need(launcher, "storage", storage, numel=_storage_len(enc, numel, n_pruned), dtype=_storage_dtype(enc), device=device)
-
-
-def check_launch_theta_adamw(
-    theta: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    select_mode: int = 0, selector: Optional[torch.Tensor] = None, threshold: Optional[torch.Tensor] = None,
-) -> None:
-    """Before ``triton_adamw.compact_adamw_triton_``: gradient and states sized like θ; a bool
-    ``selector`` sized like θ (select_mode 1) or int64 keys sized like θ with a one-element int64
-    ``threshold`` (select_mode 2)."""
-    launcher = "theta_adamw"
-    _need(launcher, "theta", theta, floating=True)
-    n = theta.numel()
-    for arg, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _need(launcher, arg, t, numel=n, floating=True, device=theta.device)
-    if select_mode == 1:
-        _need(launcher, "selector", selector, numel=n, dtype=torch.bool, device=theta.device)
-    elif select_mode == 2:
-        _need(launcher, "selector", selector, numel=n, dtype=torch.int64, device=theta.device)
-        _need(launcher, "threshold", threshold, numel=1, dtype=torch.int64, device=theta.device)
-    elif select_mode != 0:
-        raise _launch_error(launcher, "select_mode", "0 (all), 1 (bool mask) or 2 (keys)", repr(select_mode))
-
-
-def check_launch_indexed_adamw(
-    param: torch.Tensor, param_index: torch.Tensor, grad: torch.Tensor, grad_index: torch.Tensor,
-    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-) -> None:
-    """Before ``triton_adamw.indexed_adamw_triton_``: k indices into the parameter and into the
-    gradient, states of k. Index *values* are the subset of the optimizer state, which
-    :func:`check_optimizer_state` range-checks at load time."""
-    launcher = "indexed_adamw"
-    _need(launcher, "param", param, floating=True)
-    _need(launcher, "param_index", param_index, dtype=torch.int64, device=param.device)
-    k = param_index.numel()
-    if k > param.numel():
-        raise _launch_error(launcher, "param_index", f"at most {param.numel()} distinct indices", k)
-    _need(launcher, "grad", grad, floating=True, device=param.device)
-    if k > grad.numel():
-        raise _launch_error(launcher, "grad", f"at least {k} elements", grad.numel())
-    _need(launcher, "grad_index", grad_index, numel=k, dtype=torch.int64, device=param.device)
-    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _need(launcher, arg, t, numel=k, floating=True, device=param.device)
-
-
-def check_launch_bitmap_key_adamw(
-    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    storage: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor, n_pruned: int,
-) -> None:
-    """Before ``triton_adamw.bitmap_adamw_triton_`` with keys: states and keys compact (``n_pruned`` each:
-    the mask's count of selected slots, not the keys' own length), the gradient compact or weight-shaped,
-    and bitmap bytes for the weight."""
-    launcher = "bitmap_key_adamw"
-    _need(launcher, "weight", weight, floating=True)
-    numel = weight.numel()
-    _need_bitmap(launcher, storage, numel, weight.device)
-    _need_count(launcher, "n_pruned", n_pruned, numel)
-    _need(launcher, "grad", grad, floating=True, device=weight.device)
-    if grad.numel() not in (n_pruned, numel):
-        raise _launch_error(launcher, "grad", f"{n_pruned} (compact) or {numel} (dense) elements", grad.numel())
-    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        _need(launcher, arg, t, numel=n_pruned, floating=True, device=weight.device)
-    _need(launcher, "keys", keys, numel=n_pruned, dtype=torch.int64, device=weight.device)
-    _need(launcher, "threshold", threshold, numel=1, dtype=torch.int64, device=weight.device)
-
-
-def check_launch_consistency_pass(
-    grad: torch.Tensor, ema_m: torch.Tensor, ema_v: torch.Tensor, keys: torch.Tensor, screen_threshold: torch.Tensor
-) -> None:
-    """Before ``triton_selective.consistency_pass_triton_``: EMAs and keys sized like the gradient, a
-    one-element int64 screen threshold."""
-    launcher = "consistency_pass"
-    _need(launcher, "grad", grad, floating=True)
-    n = grad.numel()
-    for arg, t in (("ema_m", ema_m), ("ema_v", ema_v)):
-        _need(launcher, arg, t, numel=n, floating=True, device=grad.device)
-    _need(launcher, "keys", keys, numel=n, dtype=torch.int64, device=grad.device)
-    _need(launcher, "screen_threshold", screen_threshold, numel=1, dtype=torch.int64, device=grad.device)

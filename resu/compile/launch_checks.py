@@ -1,0 +1,199 @@
+"""Host-side checks before each Triton launch: what a launcher relies on, from tensor metadata only.
+
+Each ``check_launch_*`` reads ``numel``, ``dtype``, ``device`` and contiguity, never tensor contents, so
+it costs no device sync and runs before every launch. They check lengths; the contents a length check
+cannot see (popcounts, index values) are guaranteed when data is loaded
+(:func:`resu.tensors.validate.validate_layout`, :func:`resu.optim.state_checks.check_optimizer_state`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from resu.tensors.mask_kernels import MaskEncoding, _storage_dtype, _storage_len
+from resu.tensors.quantized import BITS
+from resu.tensors.validate import _is_int
+
+__all__ = [
+    "check_launch_adamw_bitmap",
+    "check_launch_bitmap_key_adamw",
+    "check_launch_consistency_pass",
+    "check_launch_dequant_merge",
+    "check_launch_gather_bitmap",
+    "check_launch_indexed_adamw",
+    "check_launch_theta_adamw",
+]
+
+
+def _launch_error(launcher: str, arg: str, expected: str, found: Any) -> ValueError:
+    return ValueError(
+        f"{launcher}: `{arg}` must be {expected}, got {found}; the caller passed a layout that does not match "
+        "the mask (validate checkpoints with resu.tensors.validate.validate_layout when loading them)"
+    )
+
+
+def _need(launcher, arg, t, *, numel=None, dtype=None, floating=False, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise _launch_error(launcher, arg, "a tensor", type(t).__name__)
+    if numel is not None and t.numel() != numel:
+        raise _launch_error(launcher, arg, f"{numel} elements", f"{t.numel()} (shape {tuple(t.shape)})")
+    if dtype is not None and t.dtype != dtype:
+        raise _launch_error(launcher, f"{arg}.dtype", str(dtype), str(t.dtype))
+    if floating and not t.is_floating_point():
+        raise _launch_error(launcher, f"{arg}.dtype", "floating-point", str(t.dtype))
+    if not t.is_contiguous():
+        raise _launch_error(launcher, arg, "contiguous (the kernel takes its raw pointer)", f"strides {t.stride()}")
+    if device is not None and t.device != device:
+        raise _launch_error(launcher, f"{arg}.device", str(device), str(t.device))
+
+
+def _need_count(launcher, arg, n, upper) -> None:
+    if not (_is_int(n) and 0 <= n <= upper):
+        raise _launch_error(launcher, arg, f"an int in [0, {upper}]", repr(n))
+
+
+def _need_bitmap(launcher, storage, numel, device) -> None:
+    _need(launcher, "storage", storage, numel=(numel + 7) // 8, dtype=torch.uint8, device=device)
+
+
+def check_launch_gather_bitmap(src: torch.Tensor, storage: torch.Tensor, n_selected: int) -> None:
+    """Before ``triton_bitmap.gather_bitmap``: bitmap bytes for ``src.numel()`` slots, and a count of
+    selected slots (the output length) within them."""
+    launcher = "gather_bitmap"
+    _need(launcher, "src", src)  # reshape(-1) of a strided 1-D tensor stays strided: the pointer would lie
+    _need_bitmap(launcher, storage, src.numel(), src.device)
+    _need_count(launcher, "n_selected", n_selected, src.numel())
+
+
+def check_launch_adamw_bitmap(
+    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    storage: torch.Tensor, n_selected: int,
+) -> None:
+    """Before ``triton_adamw.bitmap_adamw_triton_`` without keys: states hold one entry per selected slot (``n_pruned`` for
+    θ, ``numel - n_pruned`` for active slots) and the gradient is compact (that many) or dense (numel).
+    The launcher treats any gradient whose length is not ``numel`` as compact, so the length matters."""
+    launcher = "adamw_bitmap_"
+    numel = weight.numel()
+    _need(launcher, "weight", weight, floating=True)
+    _need_bitmap(launcher, storage, numel, weight.device)
+    _need_count(launcher, "n_selected", n_selected, numel)
+    _need(launcher, "grad", grad, floating=True, device=weight.device)
+    if grad.numel() not in (n_selected, numel):
+        raise _launch_error(launcher, "grad", f"{n_selected} (compact) or {numel} (dense) elements", grad.numel())
+    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _need(launcher, arg, t, numel=n_selected, floating=True, device=weight.device)
+
+
+def check_launch_dequant_merge(
+    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, theta: torch.Tensor, storage: torch.Tensor,
+    encoding: Union[MaskEncoding, str], n_pruned: int, rows: int, cols: int, bits: int, group_cols: int,
+    row_stride: int,
+) -> None:
+    """Before ``triton_qresu.dequant_merge_triton``: packed codes for ``rows × cols`` slots, one scale and
+    zero per group the indexing ``row * row_stride + col // group_cols`` can reach, θ of ``n_pruned``, and
+    mask storage of the encoding's length."""
+    launcher = "dequant_merge"
+    for arg, v in (("rows", rows), ("cols", cols)):
+        if not (_is_int(v) and v >= 0):
+            raise _launch_error(launcher, arg, "an int >= 0", repr(v))
+    numel = rows * cols
+    if not (_is_int(bits) and bits in BITS):
+        raise _launch_error(launcher, "bits", "the int 4 or 8", repr(bits))
+    if not (_is_int(group_cols) and group_cols >= 1):
+        raise _launch_error(launcher, "group_cols", "an int >= 1", repr(group_cols))
+    min_stride = -(-max(cols, 1) // group_cols)
+    if not (_is_int(row_stride) and (row_stride == 0 or row_stride >= min_stride)):
+        raise _launch_error(launcher, "row_stride", f"0 (one scale) or an int >= ceil(cols / group_cols) = {min_stride}",
+                            repr(row_stride))
+    try:
+        enc = MaskEncoding(encoding)
+    except (ValueError, TypeError):
+        raise _launch_error(launcher, "encoding", "a mask encoding", repr(encoding)) from None
+    _need_count(launcher, "n_pruned", n_pruned, numel)
+    device = qdata.device if isinstance(qdata, torch.Tensor) else None
+    packed = (numel + 1) // 2 if bits == 4 else numel
+    _need(launcher, "qdata", qdata, numel=packed, dtype=torch.uint8)
+    n_scales = 1 if row_stride == 0 else rows * row_stride
+    _need(launcher, "scale", scale, numel=n_scales, floating=True, device=device)
+    _need(launcher, "zero", zero, numel=n_scales, floating=True, device=device)
+    _need(launcher, "theta", theta, numel=n_pruned, floating=True, device=device)
+    _need(launcher, "storage", storage, numel=_storage_len(enc, numel, n_pruned), dtype=_storage_dtype(enc), device=device)
+
+
+def check_launch_theta_adamw(
+    theta: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    select_mode: int = 0, selector: Optional[torch.Tensor] = None, threshold: Optional[torch.Tensor] = None,
+) -> None:
+    """Before ``triton_adamw.compact_adamw_triton_``: gradient and states sized like θ; a bool
+    ``selector`` sized like θ (select_mode 1) or int64 keys sized like θ with a one-element int64
+    ``threshold`` (select_mode 2)."""
+    launcher = "theta_adamw"
+    _need(launcher, "theta", theta, floating=True)
+    n = theta.numel()
+    for arg, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _need(launcher, arg, t, numel=n, floating=True, device=theta.device)
+    if select_mode == 1:
+        _need(launcher, "selector", selector, numel=n, dtype=torch.bool, device=theta.device)
+    elif select_mode == 2:
+        _need(launcher, "selector", selector, numel=n, dtype=torch.int64, device=theta.device)
+        _need(launcher, "threshold", threshold, numel=1, dtype=torch.int64, device=theta.device)
+    elif select_mode != 0:
+        raise _launch_error(launcher, "select_mode", "0 (all), 1 (bool mask) or 2 (keys)", repr(select_mode))
+
+
+def check_launch_indexed_adamw(
+    param: torch.Tensor, param_index: torch.Tensor, grad: torch.Tensor, grad_index: torch.Tensor,
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+) -> None:
+    """Before ``triton_adamw.indexed_adamw_triton_``: k indices into the parameter and into the
+    gradient, states of k. Index *values* are the subset of the optimizer state, which
+    :func:`check_optimizer_state` range-checks at load time."""
+    launcher = "indexed_adamw"
+    _need(launcher, "param", param, floating=True)
+    _need(launcher, "param_index", param_index, dtype=torch.int64, device=param.device)
+    k = param_index.numel()
+    if k > param.numel():
+        raise _launch_error(launcher, "param_index", f"at most {param.numel()} distinct indices", k)
+    _need(launcher, "grad", grad, floating=True, device=param.device)
+    if k > grad.numel():
+        raise _launch_error(launcher, "grad", f"at least {k} elements", grad.numel())
+    _need(launcher, "grad_index", grad_index, numel=k, dtype=torch.int64, device=param.device)
+    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _need(launcher, arg, t, numel=k, floating=True, device=param.device)
+
+
+def check_launch_bitmap_key_adamw(
+    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    storage: torch.Tensor, keys: torch.Tensor, threshold: torch.Tensor, n_pruned: int,
+) -> None:
+    """Before ``triton_adamw.bitmap_adamw_triton_`` with keys: states and keys compact (``n_pruned`` each:
+    the mask's count of selected slots, not the keys' own length), the gradient compact or weight-shaped,
+    and bitmap bytes for the weight."""
+    launcher = "bitmap_key_adamw"
+    _need(launcher, "weight", weight, floating=True)
+    numel = weight.numel()
+    _need_bitmap(launcher, storage, numel, weight.device)
+    _need_count(launcher, "n_pruned", n_pruned, numel)
+    _need(launcher, "grad", grad, floating=True, device=weight.device)
+    if grad.numel() not in (n_pruned, numel):
+        raise _launch_error(launcher, "grad", f"{n_pruned} (compact) or {numel} (dense) elements", grad.numel())
+    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _need(launcher, arg, t, numel=n_pruned, floating=True, device=weight.device)
+    _need(launcher, "keys", keys, numel=n_pruned, dtype=torch.int64, device=weight.device)
+    _need(launcher, "threshold", threshold, numel=1, dtype=torch.int64, device=weight.device)
+
+
+def check_launch_consistency_pass(
+    grad: torch.Tensor, ema_m: torch.Tensor, ema_v: torch.Tensor, keys: torch.Tensor, screen_threshold: torch.Tensor
+) -> None:
+    """Before ``triton_selective.consistency_pass_triton_``: EMAs and keys sized like the gradient, a
+    one-element int64 screen threshold."""
+    launcher = "consistency_pass"
+    _need(launcher, "grad", grad, floating=True)
+    n = grad.numel()
+    for arg, t in (("ema_m", ema_m), ("ema_v", ema_v)):
+        _need(launcher, arg, t, numel=n, floating=True, device=grad.device)
+    _need(launcher, "keys", keys, numel=n, dtype=torch.int64, device=grad.device)
+    _need(launcher, "screen_threshold", screen_threshold, numel=1, dtype=torch.int64, device=grad.device)
