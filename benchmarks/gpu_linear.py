@@ -93,9 +93,10 @@ def persistent_bytes(layer: nn.Linear, opt: torch.optim.Optimizer) -> int:
         if isinstance(p, resu.ResuParameter):
             tensors += [p._weight, p._mask_storage, p._qdata, p._qscale, p._qzero, p._theta]
             if p._mask_storage is not None and p._mask_storage.is_cuda:
-                from resu.compile.triton_bitmap import cached_offsets_of
+                from resu.compile.triton_bitmap import _OFFSETS_CACHE
 
-                tensors += cached_offsets_of(p._mask_storage)  # the bitmap kernels' rank offsets
+                # the bitmap kernels' rank offsets, cached per mask storage
+                tensors += [off for ref, _, off in list(_OFFSETS_CACHE.values()) if ref() is p._mask_storage]
         else:
             tensors.append(p)
         g = p.grad

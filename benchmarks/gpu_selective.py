@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 import resu
-from resu.core.selective import SelectionConfig
+from resu.optim.selection_config import SelectionConfig
 from resu.tensors.compact_grad import CompactGrad
 
 KINDS = ("dense", "resu", "consistency", "random", "magnitude")

@@ -19,7 +19,7 @@ from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
 from resu.api.stabilize import StabilizeStats, capture_reference, stabilize_
-from resu.core.selective import SelectionConfig
+from resu.optim.selection_config import SelectionConfig
 from resu.optim.resu_adamw import ResuAdamW
 from resu.plotting import plot_cycles
 from resu.tensors.compact_grad import CompactGrad

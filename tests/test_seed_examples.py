@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from resu.modules.linear import RESULinear, RESUMode
+from resu.tensors.layout import WritePolicy
 from resu.utils.memory import get_tensor_memory as library_get_tensor_memory
 from resu.utils.memory import measure_layer_memory as library_measure_layer_memory
 
@@ -194,7 +195,7 @@ def test_exit_resu_mode_example(commit):
         # Pruned positions stay zero
         assert (layer.weight.effective_weight()[~active] == 0).all()
     assert torch.equal(layer.weight.effective_weight()[active], w_active)
-    assert "_stock_optimizer" not in layer.weight.__dict__ and layer._phase_hooks == []
+    assert layer.weight.layout.write_policy is WritePolicy.REFUSE and layer._phase_hooks == []
 
 
 def test_exit_qresu_mode_example():

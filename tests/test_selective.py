@@ -10,10 +10,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import resu
-from resu.compile.theta_adamw import theta_adamw_reference_
 from resu.core.selective import SelectionConfig
 from resu.optim.selective import selective_step_
-from resu.optim.theta_slots import PrunedSlots
+from resu.optim.adamw_step import MaskedSlots, adamw_reference_, where
 from resu.tensors.compact_grad import CompactGrad
 from tests.helpers import assert_same_snapshot, model_in_mode, snapshot, train_classifier
 
@@ -85,8 +84,8 @@ def test_consistency_step_matches_float64_reference(rows, cols, sparsity, beta, 
         selected = torch.zeros(n, dtype=torch.bool)
         selected[sel] = True
         # The selected slots took exactly the AdamW step; nothing else moved, states included.
-        theta_adamw_reference_(theta0, g, m0, v0, step, **HYPER, beta1=0.9, beta2=0.999, eps=1e-8,
-                               maximize=False, selected=selected)
+        adamw_reference_(theta0, g, m0, v0, step, **HYPER, beta1=0.9, beta2=0.999, eps=1e-8,
+                         maximize=False, selection=where(selected))
         assert torch.equal(theta_of(p), theta0)
         assert torch.equal(opt.state[p]["exp_avg"], m0) and torch.equal(opt.state[p]["exp_avg_sq"], v0)
         assert torch.equal(p.effective_weight()[active], frozen)
@@ -171,7 +170,7 @@ def test_flat_theta_vector_steps_like_theta_in_the_weight():
         for _ in range(3):
             g = torch.randn(n)
             selective_step_(theta, g, states[0], cfg, hyper)
-            selective_step_(PrunedSlots.of(p), g, states[1], cfg, hyper)
+            selective_step_(MaskedSlots.theta_of(p), g, states[1], cfg, hyper)
             assert torch.equal(theta, theta_of(p))
         assert torch.equal(states[0]["exp_avg"], states[1]["exp_avg"])
 

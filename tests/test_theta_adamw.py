@@ -1,4 +1,4 @@
-"""theta_adamw_: AdamW over a compact θ vector — every slot, a bool mask, an index subset, or key ≥ threshold.
+"""adamw_step_ on a compact θ vector: every slot, a bool mask, an index subset, or key ≥ threshold.
 
 On CPU these run the references (bitwise equal to torch.optim.AdamW's single-tensor path); the
 ``cuda`` cases run the Triton kernels on a GPU against the CPU references.
@@ -7,13 +7,22 @@ On CPU these run the references (bitwise equal to torch.optim.AdamW's single-ten
 import pytest
 import torch
 
-from resu.compile.theta_adamw import (
-    theta_adamw_,
-    theta_adamw_reference_,
-    theta_adamw_where_key_,
-)
+from resu.optim.adamw_step import ALL, adamw_reference_, adamw_step_, key_at_least, subset, where
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
+
+
+def theta_adamw_(theta, grad, m, v, step, selected=None, **hyper):
+    """``adamw_step_`` with the selection given as None, a bool mask or an index vector."""
+    if selected is None:
+        selection = ALL
+    elif isinstance(selected, torch.Tensor) and selected.dtype == torch.bool:
+        selection = where(selected)
+    elif isinstance(selected, torch.Tensor) and selected.dtype in (torch.int32, torch.int64):
+        selection = subset(selected)
+    else:
+        selection = where(selected)  # a wrong dtype: adamw_step_ must refuse it
+    adamw_step_(theta, grad, m, v, step, selection=selection, **hyper)
 
 
 def _torch_adamw_steps(theta, grads, maximize=False):
@@ -51,7 +60,7 @@ def test_bool_mask_updates_exactly_the_selected_slots_like_adamw_on_them():
         assert (now[selected] != then[selected]).all()
     # The selected slots follow AdamW on the gathered sub-vector.
     sub, sm, sv = before[0][selected].clone(), before[1][selected].clone(), before[2][selected].clone()
-    theta_adamw_reference_(sub, grad[selected], sm, sv, 5, **HYPER)
+    adamw_reference_(sub, grad[selected], sm, sv, 5, **HYPER)
     assert torch.equal(theta[selected], sub) and torch.equal(m[selected], sm) and torch.equal(v[selected], sv)
 
 
@@ -77,7 +86,7 @@ def test_key_threshold_is_the_mask_key_ge_threshold():
     keys = torch.randint(-1, 1000, (n,), dtype=torch.int64)
     threshold = keys.float().quantile(0.7).to(torch.int64)
     a = (theta.clone(), m.clone(), v.clone())
-    theta_adamw_where_key_(theta, grad, m, v, 2, keys, threshold, **HYPER)
+    adamw_step_(theta, grad, m, v, 2, selection=key_at_least(keys, threshold), **HYPER)
     theta_adamw_(*a[:1], grad, *a[1:], 2, **HYPER, selected=keys >= threshold)
     assert torch.equal(theta, a[0]) and torch.equal(m, a[1]) and torch.equal(v, a[2])
 
@@ -85,12 +94,11 @@ def test_key_threshold_is_the_mask_key_ge_threshold():
 @pytest.mark.parametrize(
     "make, name",
     [
-        (lambda: (torch.randn(4, 5), torch.randn(20), torch.zeros(20), torch.zeros(20), None), "theta"),
-        (lambda: (torch.randn(20), torch.randn(19), torch.zeros(20), torch.zeros(20), None), "grad"),
+                (lambda: (torch.randn(20), torch.randn(19), torch.zeros(20), torch.zeros(20), None), "grad"),
         (lambda: (torch.randn(20), torch.randn(20), torch.zeros(19), torch.zeros(20), None), "exp_avg"),
         (lambda: (torch.randn(20), torch.randn(20), torch.zeros(20), torch.zeros(3), torch.tensor([1, 4, 7])), "exp_avg"),
-        (lambda: (torch.randn(20), torch.randn(20), torch.zeros(20), torch.zeros(20), torch.ones(19, dtype=torch.bool)), "selected"),
-        (lambda: (torch.randn(20), torch.randn(20), torch.zeros(20), torch.zeros(20), torch.ones(20)), "selected"),
+        (lambda: (torch.randn(20), torch.randn(20), torch.zeros(20), torch.zeros(20), torch.ones(19, dtype=torch.bool)), "selection"),
+        (lambda: (torch.randn(20), torch.randn(20), torch.zeros(20), torch.zeros(20), torch.ones(20)), "selection"),
     ],
 )
 def test_bad_shapes_raise_naming_the_argument_and_change_nothing(make, name):
@@ -116,8 +124,8 @@ def test_cuda_kernels_match_the_cpu_reference(mode, maximize):
     cpu = [t.clone() for t in (theta, m, v)]
     gpu = [t.cuda() for t in (theta, m, v)]
     if mode == "key":
-        theta_adamw_where_key_(*cpu[:1], grad, *cpu[1:], 3, keys, threshold, **hyper)
-        theta_adamw_where_key_(*gpu[:1], grad.cuda(), *gpu[1:], 3, keys.cuda(), threshold.cuda(), **hyper)
+        adamw_step_(*cpu[:1], grad, *cpu[1:], 3, selection=key_at_least(keys, threshold), **hyper)
+        adamw_step_(*gpu[:1], grad.cuda(), *gpu[1:], 3, selection=key_at_least(keys.cuda(), threshold.cuda()), **hyper)
     else:
         theta_adamw_(*cpu[:1], grad, *cpu[1:], 3, **hyper, selected=selected)
         theta_adamw_(*gpu[:1], grad.cuda(), *gpu[1:], 3, **hyper,

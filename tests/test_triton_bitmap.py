@@ -7,10 +7,12 @@ On CPU they run under ``TRITON_INTERPRET=1`` (set by conftest); on a GPU they ru
 import pytest
 import torch
 
-from resu.compile.masked_ops import gather_masked_reference, masked_adamw_reference_
+from resu.compile.linear import gather_masked_reference
+from resu.optim.adamw_step import MaskedSlots, adamw_reference_
 from resu.tensors import mask as mask_ops
 
 triton_bitmap = pytest.importorskip("resu.compile.triton_bitmap")
+triton_adamw = pytest.importorskip("resu.compile.triton_adamw")
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
@@ -62,9 +64,10 @@ def test_fused_adamw_matches_reference(device, shape, sparsity, select_pruned, c
     m, v = torch.randn(n_sel, device=device), torch.rand(n_sel, device=device)
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=maximize)
     w_ref, m_ref, v_ref = w.clone(), m.clone(), v.clone()
-    masked_adamw_reference_(w_ref, grad, m_ref, v_ref, None, storage, "bitmap", k, select_pruned, 3, **hyper)
+    slots = MaskedSlots(w_ref, storage, mask_ops.MaskEncoding.BITMAP, k, select_pruned)
+    adamw_reference_(slots, grad, m_ref, v_ref, 3, **hyper)
     w_before = w.clone()
-    triton_bitmap.adamw_bitmap_(w, grad, m, v, storage, select_pruned, 3, **hyper)
+    triton_adamw.bitmap_adamw_triton_(w, grad, m, v, storage, select_pruned, 3, **hyper)
     flat_sel = sel.reshape(shape)
     assert torch.equal(w[~flat_sel], w_before[~flat_sel])  # unselected slots never written
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)

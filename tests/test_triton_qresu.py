@@ -9,7 +9,11 @@ import torch
 
 from resu.compile.qlinear import dequant_merge_reference, qlinear_reference
 from resu.tensors import mask as mask_ops
+from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.layout import ResuLayout
+from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import QuantFormat, quantize_active
+from resu.tensors.resu_parameter import ResuParameter
 
 triton_qresu = pytest.importorskip("resu.compile.triton_qresu")
 
@@ -68,11 +72,16 @@ def _qlinear_inputs(device, bias=True):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_qlinear_gradients_match_autograd_on_the_effective_weight(device):
+def test_qresu_linear_gradients_match_autograd_on_the_effective_weight(device):
+    """The one QRESU backward (resu::linear's, with qlinear as the forward kernel) against plain autograd."""
     x, args, b, pruned = _qlinear_inputs(device)
-    out = torch.ops.resu.qlinear(x, *args, b, None)
+    fmt = QuantFormat(4, "per_group", 16)
+    layout = ResuLayout(ResuMode.QRESU, args[5], args[6], fmt)
+    inner = {"_qdata": args[0], "_qscale": args[1], "_qzero": args[2], "_theta": args[3].detach(), "_mask_storage": args[4]}
+    weight = ResuParameter(layout, inner, shape=(args[7], args[8]), requires_grad=True)
+    out = torch.nn.functional.linear(x, weight, b)
     g = torch.randn_like(out)
-    gx, gtheta, gb = torch.autograd.grad(out, (x, args[3], b), g)
+    gx, gweight, gb = torch.autograd.grad(out, (x, weight, b), g)
     # reference: the effective weight as a dense leaf, plain autograd
     w = dequant_merge_reference(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args], torch.float32)
     w.requires_grad_(True)
@@ -82,15 +91,16 @@ def test_qlinear_gradients_match_autograd_on_the_effective_weight(device):
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(gx, gx2)
     torch.testing.assert_close(gb, gb2)
-    assert gtheta.shape == (int(pruned.sum()),)  # compact: one value per θ, no dense weight gradient
-    torch.testing.assert_close(gtheta, gw2.reshape(-1)[pruned])
+    assert isinstance(gweight, CompactGrad)  # compact: one value per θ, no dense weight gradient
+    torch.testing.assert_close(gweight.values, gw2.reshape(-1)[pruned])
 
 
 def test_qlinear_and_dequant_merge_pass_opcheck():
     x, args, b, _ = _qlinear_inputs("cpu")
-    torch.library.opcheck(torch.ops.resu.qlinear.default, (x, *args, b, None))
-    torch.library.opcheck(torch.ops.resu.qlinear.default, (x.detach().bfloat16(), *args, None, torch.bfloat16))
+    # qlinear runs below autograd (the forward kernel of resu::linear on a QRESU weight): no grad inputs.
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.resu.qlinear.default, (x.detach(), *plain, b.detach(), None))
+    torch.library.opcheck(torch.ops.resu.qlinear.default, (x.detach().bfloat16(), *plain, None, torch.bfloat16))
     torch.library.opcheck(torch.ops.resu.dequant_merge.default, (*plain, torch.bfloat16))
 
 

@@ -6,16 +6,16 @@ On CPU they run under ``TRITON_INTERPRET=1`` (set by conftest); ``pytest -m cuda
 import pytest
 import torch
 
-from resu.compile.theta_adamw import indexed_adamw_reference_, theta_adamw_reference_
+from resu.optim.adamw_step import ALL, MaskedSlots, adamw_reference_, subset, where
 from resu.optim.consistency import (
     consistency_pass_reference_,
     kth_largest,
     selection_keys_reference,
 )
-from resu.optim.theta_slots import PrunedSlots
 from resu.tensors import mask as mask_ops
 
 ts = pytest.importorskip("resu.compile.triton_selective")
+ta = pytest.importorskip("resu.compile.triton_adamw")
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
@@ -82,11 +82,11 @@ def test_compact_adamw_kernel_matches_reference(device, mode, maximize):
     mask = torch.rand(n, device=device) < 0.3
     selected = {"all": None, "mask": mask, "key": keys >= threshold}[mode]
     ref = [t.clone() for t in (theta, m, v)]
-    theta_adamw_reference_(ref[0], grad, ref[1], ref[2], 4, **hyper, selected=selected)
+    adamw_reference_(ref[0], grad, ref[1], ref[2], 4, **hyper, selection=ALL if selected is None else where(selected))
     got = [t.clone() for t in (theta, m, v)]
-    kw = {"all": {}, "mask": dict(select_mode=ts.SELECT_MASK, selector=mask),
-          "key": dict(select_mode=ts.SELECT_KEY, selector=keys, threshold=threshold)}[mode]
-    ts.theta_adamw_triton_(got[0], grad, got[1], got[2], 4, **hyper, **kw)
+    kw = {"all": {}, "mask": dict(select_mode=ta.SELECT_MASK, selector=mask),
+          "key": dict(select_mode=ta.SELECT_KEY, selector=keys, threshold=threshold)}[mode]
+    ta.compact_adamw_triton_(got[0], grad, got[1], got[2], 4, **hyper, **kw)
     if selected is not None:
         for a, b in zip(got, (theta, m, v)):
             assert torch.equal(a[~selected], b[~selected])
@@ -100,14 +100,14 @@ def test_indexed_kernel_matches_reference_with_separate_param_and_grad_indices(d
     weight = torch.randn(numel, device=device)
     positions_all = torch.randperm(numel, device=device)[:n].sort().values  # where θ lives in the weight
     grad = torch.randn(n, device=device)
-    subset = torch.randperm(n, device=device)[:k].sort().values
-    positions = positions_all[subset]
+    index = torch.randperm(n, device=device)[:k].sort().values
+    positions = positions_all[index]
     m, v = torch.randn(k, device=device), torch.rand(k, device=device)
     ref_theta = weight[positions_all].clone()
     ref_m, ref_v = m.clone(), v.clone()
-    indexed_adamw_reference_(ref_theta, grad, ref_m, ref_v, 2, index=subset, states_indexed=False, **HYPER, maximize=False)
+    adamw_reference_(ref_theta, grad, ref_m, ref_v, 2, selection=subset(index), **HYPER, maximize=False)
     before = weight.clone()
-    ts.indexed_adamw_triton_(weight, positions, grad, subset, m, v, 2, **HYPER, maximize=False)
+    ta.indexed_adamw_triton_(weight, positions, grad, index, m, v, 2, **HYPER, maximize=False)
     rest = torch.ones(numel, dtype=torch.bool, device=device)
     rest[positions] = False
     assert torch.equal(weight[rest], before[rest])
@@ -133,12 +133,12 @@ def test_bitmap_key_kernel_matches_the_gather_reference(device, shape, sparsity,
     hyper = {**HYPER, "maximize": maximize}
     ref = [t.clone() for t in (weight, m, v)]
     # The reference: gather θ through the mask's index list, step it as a vector, scatter back.
-    index = PrunedSlots(ref[0], storage, mask_ops.MaskEncoding.BITMAP, p).flat_indices()
+    index = MaskedSlots(ref[0], storage, mask_ops.MaskEncoding.BITMAP, p).flat_indices()
     theta = ref[0].view(-1)[index]
-    theta_adamw_reference_(theta, grad, ref[1], ref[2], 3, **hyper, selected=keys >= threshold)
+    adamw_reference_(theta, grad, ref[1], ref[2], 3, **hyper, selection=where(keys >= threshold))
     ref[0].view(-1)[index] = theta
     got = [t.clone() for t in (weight, m, v)]
-    ts.bitmap_key_adamw_triton_(got[0], grad, got[1], got[2], storage, keys, threshold, 3, **hyper)
+    ta.bitmap_adamw_triton_(got[0], grad, got[1], got[2], storage, True, 3, **hyper, keys=keys, threshold=threshold)
     selected_theta = keys >= threshold
     changed = torch.zeros(numel, dtype=torch.bool, device=device)
     changed[pruned.to(device).nonzero().squeeze(1)[selected_theta]] = True
@@ -155,9 +155,8 @@ def test_resu_adamw_through_the_kernel_dispatch_matches_the_reference_paths(monk
     """ResuAdamW with every CUDA dispatch forced onto the (interpreted) Triton kernels, against the
     plain-PyTorch paths: the glue between passes (thresholds on device, layouts, masks) is covered too."""
     import resu
-    from resu.compile import theta_adamw
+    from resu.compile import registry
     from resu.core.selective import SelectionConfig
-    from resu.optim import consistency, theta_slots
     from tests.test_selective import HYPER, resu_weight, set_theta_grad
 
     cfg = SelectionConfig(strategy=strategy, tau_stable=0.3, k_select_ratio=0.3)
@@ -173,8 +172,7 @@ def test_resu_adamw_through_the_kernel_dispatch_matches_the_reference_paths(monk
         return p.effective_weight().clone(), opt.state[p], opt.selection_stats()
 
     ref_w, ref_state, ref_stats = run()
-    for module in (theta_adamw, consistency, theta_slots):
-        monkeypatch.setattr(module, "_use_triton", lambda *tensors: True)
+    monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
     w, state, stats = run()
     assert stats["n_selected"] == ref_stats["n_selected"] > 0
     assert stats["mean_consistency"] == pytest.approx(ref_stats["mean_consistency"], rel=1e-5)

@@ -1,3 +1,3 @@
 """``torch.library`` custom ops (``torch.ops.resu.*``): schemas, fake impls, autograd, kernels."""
 
-from resu.compile import linear, masked_ops  # noqa: F401
+from resu.compile import linear, qlinear  # noqa: F401

@@ -1,11 +1,16 @@
 """``resu::linear`` and its backward ops: the path every ``F.linear`` with a ResuParameter weight takes.
 
-``ResuParameter.__torch_function__`` routes ``F.linear`` here *above* autograd, so the backward formula
-is ours rather than aten's: the weight gradient goes through ``resu::linear_weight_grad``, which a
-ResuParameter intercepts in ``__torch_dispatch__`` to return a compact θ gradient (RESU) or a masked
-dense one (SPARSE). On plain tensors each op is the dense reference implementation below, which is
-also the CPU and CUDA kernel: the work is a matmul, and θ lives in the weight's pruned slots, so the
-forward needs no gather or scatter.
+Everything about the op is in this file, top to bottom:
+
+1. the ops on plain tensors: schema, reference kernel (also the CPU and CUDA kernel: the work is a
+   matmul, and θ lives in the weight's pruned slots, so the forward needs no gather or scatter) and
+   fake implementation; and ``resu::gather_masked``, which the weight gradient uses;
+2. the autograd formula (``LinearFunction``);
+3. what the ops mean for a ResuParameter: the torch-function entry that routes ``F.linear`` to
+   ``LinearFunction`` *above* autograd (so the backward formula is ours rather than aten's), and the
+   dispatch-table entries of the three ops. The weight gradient of a RESU/QRESU weight is a compact
+   θ gradient (:class:`~resu.tensors.compact_grad.CompactGrad`), of a SPARSE one a masked dense one;
+   a QRESU weight's forward is ``resu::qlinear`` over its packed codes.
 
 Autocast does not reach custom ops, so the caller passes the autocast dtype as ``compute_dtype``.
 """
@@ -18,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from resu.compile.registry import LIB, define_op
+from resu.tensors import mask_kernels as mask_ops
+from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.mode import ResuMode
+from resu.tensors.resu_parameter import ATEN_OPS, TORCH_FUNCTIONS, ResuParameter, run_without_subclass
 
 
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -77,6 +86,46 @@ linear_weight_grad = define_op(
 )
 
 
+# ``resu::gather_masked``: the pruned (or active) slots of a dense tensor as a compact vector; what
+# turns ``gradᵀ·x`` into θ's gradient. A custom op so that compiled backward graphs keep it opaque
+# (Inductor never sees Triton on a machine without a GPU); on CUDA with a bitmap mask it is the Triton
+# kernel of :mod:`resu.compile.triton_bitmap`, elsewhere the reference.
+def gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    """The pruned (``select_pruned``) or active slots of ``src``, ascending flat order, as ``out_dtype``.
+
+    Reference implementation (every device; index encodings on CUDA too).
+    """
+    flat = src.reshape(-1)
+    if select_pruned:
+        out = mask_ops.gather_pruned(flat, storage, encoding, flat.numel(), n_pruned)
+    else:
+        out = mask_ops.gather_active(flat, storage, encoding, flat.numel(), n_pruned)
+    return out.to(out_dtype)
+
+
+def _gather_masked_cuda(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    if encoding != mask_ops.MaskEncoding.BITMAP:  # a str enum: compares with the op's string
+        return gather_masked_reference(src, storage, encoding, n_pruned, select_pruned, out_dtype)
+    from resu.compile.triton_bitmap import gather_bitmap
+
+    n_sel = n_pruned if select_pruned else src.numel() - n_pruned
+    return gather_bitmap(src.contiguous(), storage, n_sel, select_pruned, out_dtype)
+
+
+def _gather_masked_fake(src, storage, encoding, n_pruned, select_pruned, out_dtype):
+    n_sel = n_pruned if select_pruned else src.numel() - n_pruned
+    return src.new_empty((n_sel,), dtype=out_dtype)
+
+
+gather_masked = define_op(
+    "gather_masked(Tensor src, Tensor storage, str encoding, int n_pruned, bool select_pruned, "
+    "ScalarType out_dtype) -> Tensor",
+    gather_masked_reference,
+    fake=_gather_masked_fake,
+    cuda=_gather_masked_cuda,
+)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, compute_dtype = inputs
     ctx.save_for_backward(x, weight)
@@ -129,3 +178,60 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+# ---------------------------------------------------------------------- what the ops mean for a ResuParameter
+@TORCH_FUNCTIONS.implements([F.linear, torch._C._nn.linear])
+def _linear_entry(func, args, kwargs):
+    """``F.linear(x, W, b)`` with a ResuParameter ``W``: through ``LinearFunction`` (our backward).
+
+    Autocast does not reach custom ops, so its dtype is read here and passed down."""
+    x = args[0] if len(args) > 0 else kwargs["input"]
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(weight, ResuParameter) or isinstance(x, ResuParameter):
+        return run_without_subclass(func, args, kwargs)
+    with torch._C.DisableTorchFunctionSubclass():
+        dtype = autocast_dtype(x.device.type) if x.dtype != torch.float64 else None
+        if dtype is not None:
+            x = x.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return LinearFunction.apply(x, weight, bias, dtype)
+
+
+# The handlers call the plain-tensor reference implementations directly rather than the ops: the
+# op (what autograd records) is the unit at the ResuParameter level; below it, a compiled graph then
+# holds ordinary aten matmuls that Inductor lowers and fuses itself, with no Python call at run time.
+@ATEN_OPS.implements(linear)
+def _linear_resu(func, args, kwargs):
+    x, weight, bias, dtype = args
+    if weight.mode is ResuMode.QRESU:
+        return torch.ops.resu.qlinear(x, *weight._quant_op_args(), bias, dtype)
+    return linear_reference(x, weight._weight, bias, dtype)
+
+
+@ATEN_OPS.implements(linear_input_grad)
+def _linear_input_grad_resu(func, args, kwargs):
+    grad_out, weight, dtype = args
+    if weight.mode is ResuMode.QRESU:
+        # Recomputed here, never saved from the forward: the effective weight costs one pass over packed codes.
+        return linear_input_grad_reference(grad_out, weight._dequant_merge(dtype or grad_out.dtype), None)
+    return linear_input_grad_reference(grad_out, weight._weight, dtype)
+
+
+@ATEN_OPS.implements(linear_weight_grad)
+def _linear_weight_grad_resu(func, args, kwargs):
+    grad_out, x, weight = args
+    layout = weight.layout
+    if layout.mode.trains_theta:
+        # Gather θ's gradient straight from the matmul result (bf16 under autocast): the dense
+        # weight-dtype gradient is never materialized.
+        dense = rows(grad_out).t() @ rows(x)
+        values = torch.ops.resu.gather_masked(
+            dense, weight._mask_storage, layout.encoding_name, layout.n_pruned, True, weight.dtype
+        )
+        return CompactGrad(values, weight._mask_storage, layout.encoding, weight.shape)
+    dense = linear_weight_grad_reference(grad_out, x, weight._weight)
+    if layout.mode is ResuMode.SPARSE:
+        return weight._zero_pruned_(dense)
+    return dense

@@ -5,9 +5,10 @@ dequantized from packed 4/8-bit codes (:mod:`resu.tensors.quantized`), pruned sl
 vector in ascending pruned-slot order). ``dequant_merge`` does that in one pass; on CUDA it is a Triton
 kernel (:mod:`resu.compile.triton_qresu`) for every mask encoding, elsewhere the reference below.
 
-``qlinear(x, ...) = F.linear(x, dequant_merge(...), bias)``. Its backward recomputes the effective
-weight for the input gradient (it is never saved for backward) and gives θ a compact gradient
-(``n_pruned`` values gathered from ``gradᵀ·x``), never a dense weight gradient.
+``qlinear(x, ...) = F.linear(x, dequant_merge(...), bias)`` is the forward kernel of ``resu::linear``
+on a QRESU weight, called below autograd; it has no autograd formula of its own. Its backward is
+``resu::linear``'s (:mod:`resu.compile.linear`): the input gradient recomputes the effective weight
+(never saved for backward), θ gets a compact gradient gathered from ``gradᵀ·x``.
 
 Quantization parameters are passed as plain integers: ``row_stride`` and ``group_cols`` locate the
 scale of slot ``(r, c)`` at ``r * row_stride + c // group_cols`` (see :class:`QuantFormat`).
@@ -18,13 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from resu.compile.linear import rows as as_rows
-from resu.compile.masked_ops import gather_masked
-from resu.compile.registry import LIB, define_op
-from resu.tensors import mask as mask_ops
+from resu.compile.registry import define_op
+from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.quantized import scale_index_of, unpack
-
-_BITMAP = mask_ops.MaskEncoding.BITMAP.value
 
 
 def dequant_merge_reference(
@@ -93,32 +90,3 @@ qlinear = define_op(
     qlinear_reference,
     fake=_qlinear_fake,
 )
-
-
-def _setup_context(ctx, inputs, output):
-    x, qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, bias, dt = inputs
-    ctx.save_for_backward(x, qdata, scale, zero, theta, storage)
-    ctx.meta = (encoding, n_pruned, rows, cols, bits, group_cols, row_stride)
-    ctx.has_bias = bias is not None
-    ctx.compute_dtype = _compute_dtype(x, dt)
-
-
-def _backward(ctx, grad_out):
-    x, qdata, scale, zero, theta, storage = ctx.saved_tensors
-    encoding, n_pruned, rows, cols, bits, group_cols, row_stride = ctx.meta
-    grad_x = grad_theta = grad_b = None
-    if ctx.needs_input_grad[0]:
-        w = dequant_merge(
-            qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride,
-            ctx.compute_dtype,
-        )
-        grad_x = (grad_out.to(ctx.compute_dtype) @ w).to(x.dtype)
-    if ctx.needs_input_grad[4]:
-        dense = as_rows(grad_out).t() @ as_rows(x.to(grad_out.dtype))
-        grad_theta = gather_masked(dense, storage, encoding, n_pruned, True, theta.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[13]:
-        grad_b = as_rows(grad_out).sum(0)
-    return grad_x, None, None, None, grad_theta, None, None, None, None, None, None, None, None, grad_b, None
-
-
-torch.library.register_autograd("resu::qlinear", _backward, setup_context=_setup_context, lib=LIB)

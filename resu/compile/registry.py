@@ -28,3 +28,12 @@ def define_op(
         LIB.impl(name, cuda, "CUDA")
     torch.library.register_fake(f"resu::{name}", fake, lib=LIB)
     return getattr(torch.ops.resu, name).default
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a step over ``tensors`` runs a Triton kernel: all on CUDA and contiguous.
+
+    The one test every Python-side kernel choice makes (AdamW steps, RESU-Selective's passes); the
+    custom ops choose by dispatch key instead. Tests patch it to run the kernels under the interpreter.
+    """
+    return all(t.is_cuda and t.is_contiguous() for t in tensors)

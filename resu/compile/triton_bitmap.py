@@ -1,15 +1,16 @@
-"""Triton kernels over bitmap-encoded masks: gather the selected slots, and a fused AdamW step on them.
+"""Triton kernels over bitmap-encoded masks: the rank of every selected slot, and a gather of them.
 
 A bitmap mask (bit 1 = pruned, LSB first, see :mod:`resu.tensors.mask`) says *which* slots are
 selected but not *where* each lands in a compact vector. Each program handles ``BLOCK`` consecutive
 slots; a tiny prefix sum over per-block popcounts (``block_offsets``, computed in PyTorch over n/8
 bytes, once per mask storage) gives every block its first compact index, and in-block scans
 (:func:`tile_ranks`) give the rest. So
-both kernels are one pass over the weight with no index tensor of size n_pruned ever built.
+every kernel over a bitmap (the gather here, the fused AdamW of :mod:`resu.compile.triton_adamw`) is
+one pass over the weight with no index tensor of size n_pruned ever built.
 
 This module imports Triton; it is only imported by the CUDA kernel registrations and by tests (which
 run it on CPU under ``TRITON_INTERPRET=1``). Each kernel has a plain-PyTorch reference in
-:mod:`resu.compile.masked_ops`.
+:mod:`resu.compile.linear` (``gather_masked``) and :mod:`resu.optim.adamw_step`.
 """
 
 from __future__ import annotations
@@ -68,15 +69,6 @@ def cached_block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool,
     return offsets
 
 
-def cached_offsets_of(storage: torch.Tensor) -> list[torch.Tensor]:
-    """The cached offset tensors of one mask storage (for memory accounting)."""
-    out = []
-    for (sid, _, _), (ref, _, offsets) in list(_OFFSETS_CACHE.items()):
-        if sid == id(storage) and ref() is storage:
-            out.append(offsets)
-    return out
-
-
 @triton.jit
 def _popcount8(x):
     """Set bits of each value in 0..255 (no popcount builtin that also runs in the interpreter)."""
@@ -129,48 +121,3 @@ def gather_bitmap(
         src.reshape(-1), storage, offsets, out, numel, select_pruned, BLOCK, num_warps=NUM_WARPS
     )
     return out
-
-
-@triton.jit
-def _adamw_kernel(
-    w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel,
-    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-    SELECT_PRUNED: tl.constexpr, GRAD_COMPACT: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs, sel, rank = tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED, BLOCK)
-    w = tl.load(w_ptr + offs, mask=sel, other=0).to(tl.float32)
-    if GRAD_COMPACT:
-        g = tl.load(g_ptr + rank, mask=sel, other=0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + offs, mask=sel, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + rank, mask=sel, other=0).to(tl.float32)
-    v = tl.load(v_ptr + rank, mask=sel, other=0).to(tl.float32)
-    w = w * decay
-    m = m + (g - m) * (1 - beta1)
-    v = v * beta2 + g * g * (1 - beta2)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    w = w - step_size * (m / denom)
-    tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=sel)
-    tl.store(m_ptr + rank, m.to(m_ptr.dtype.element_ty), mask=sel)
-    tl.store(v_ptr + rank, v.to(v_ptr.dtype.element_ty), mask=sel)
-
-
-def adamw_bitmap_(
-    weight: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    storage: torch.Tensor, select_pruned: bool, step: int, *,
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
-) -> None:
-    """One AdamW step on the selected slots of ``weight`` in place (states compact, grad compact or dense)."""
-    numel = weight.numel()
-    if numel == 0 or exp_avg.numel() == 0:
-        return
-    offsets = cached_block_offsets(storage, numel, select_pruned)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    _adamw_kernel[(offsets.numel(),)](
-        weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, storage, offsets, numel,
-        1 - lr * weight_decay, beta1, beta2, eps, lr / bias_correction1, bias_correction2_sqrt,
-        select_pruned, grad.numel() != numel, maximize, BLOCK, num_warps=NUM_WARPS,
-    )

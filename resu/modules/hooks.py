@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.layout import WritePolicy
 from resu.tensors.mode import ResuMode
 
 
@@ -32,7 +33,7 @@ def densify_theta_grad(param) -> None:
     active part), so the result is always exactly zero at the active slots.
     """
     grad = param.grad
-    if isinstance(grad, CompactGrad) and param.mode is ResuMode.RESU and param.__dict__.get("_stock_optimizer"):
+    if isinstance(grad, CompactGrad) and param.mode is ResuMode.RESU and param.layout.write_policy is WritePolicy.RESTORE_ACTIVE:
         param.grad = grad.to_dense()
 
 

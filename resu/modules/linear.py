@@ -33,18 +33,24 @@ from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import sparsify_
 from resu.api.validation import check_fraction
-from resu.core.selective import SelectionConfig
+from resu.optim.selection_config import SelectionConfig
 from resu.modules.hooks import densify_theta_grad, drop_stale_weight_grad, selective_step_hook, share_grad_with_theta
 from resu.modules.mode import RESUMode
 from resu.optim.resu_adamw import ResuAdamW
 from resu.prune.scores import wanda_scores
 from resu.prune.select import lowest_scores
+from resu.tensors.layout import WritePolicy
 from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
 
 __all__ = ["RESULinear", "RESUMode"]
 
 _PRUNE_FIRST = "call layer.prune_by_magnitude(sparsity) or layer.prune_by_wanda(...) first"
+
+
+def _qresu_inner(name: str, doc: str) -> property:
+    """A read-only layer property: the weight's inner tensor ``name`` in QRESU mode, else None."""
+    return property(lambda self: getattr(self.weight, name) if self.weight.mode is ResuMode.QRESU else None, doc=doc)
 
 
 class RESULinear(nn.Linear):
@@ -80,34 +86,25 @@ class RESULinear(nn.Linear):
     @property
     def _mode(self) -> RESUMode:
         """The layer's :class:`RESUMode` (the weight's mode; QRESU_SELECTIVE when a selective config is attached)."""
-        return RESUMode.of(self.weight.mode, getattr(self.weight, "_selective", None))
+        return RESUMode.of(self.weight.mode, self.weight.layout.selective)
 
     @property
     def _mask(self) -> Optional[SparseMask]:
         """The weight's :class:`~resu.core.mask.SparseMask` (read-only view), None while DENSE."""
         return self.weight.mask
 
-    @property
-    def _theta(self) -> Optional[torch.Tensor]:
-        """QRESU: the flat θ vector itself (``(n_pruned,)``, ascending pruned-slot order), trainable by
-        ``torch.optim.Adam([layer._theta])`` in QRESU mode. None in the other modes (in RESU mode θ lives
-        in the pruned slots of ``weight``)."""
-        return self.weight._theta if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _W_A_quantized(self) -> Optional[torch.Tensor]:
-        """QRESU: the frozen active weights' codes (uint8, flat; packed two per byte at 4 bits), else None."""
-        return self.weight._qdata if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _qscale(self) -> Optional[torch.Tensor]:
-        """QRESU: the quantization scales (shape set by the scheme), else None."""
-        return self.weight._qscale if self.weight.mode is ResuMode.QRESU else None
-
-    @property
-    def _qzero(self) -> Optional[torch.Tensor]:
-        """QRESU: the quantization zero points (shape of the scales), else None."""
-        return self.weight._qzero if self.weight.mode is ResuMode.QRESU else None
+    # QRESU storage of the weight under the seed API's names; None in the other modes.
+    _theta = _qresu_inner(
+        "_theta",
+        "QRESU: the flat θ vector itself (``(n_pruned,)``, ascending pruned-slot order), trainable by "
+        "``torch.optim.Adam([layer._theta])`` in QRESU mode. None in the other modes (in RESU mode θ lives "
+        "in the pruned slots of ``weight``).",
+    )
+    _W_A_quantized = _qresu_inner(
+        "_qdata", "QRESU: the frozen active weights' codes (uint8, flat; packed two per byte at 4 bits), else None."
+    )
+    _qscale = _qresu_inner("_qscale", "QRESU: the quantization scales (shape set by the scheme), else None.")
+    _qzero = _qresu_inner("_qzero", "QRESU: the quantization zero points (shape of the scales), else None.")
 
     @property
     def _activation_norms(self) -> Optional[torch.Tensor]:
@@ -225,19 +222,13 @@ class RESULinear(nn.Linear):
             raise ValueError(f"RESULinear.enter_resu_mode: `stock_optimizer` must be True or False, got {stock_optimizer!r}")
         enter_resu_(self, epsilon, generator=generator)
         if stock_optimizer:
-            self.weight._stock_optimizer = True
+            self.weight.set_write_policy(WritePolicy.RESTORE_ACTIVE)
             self._add_phase_hook(densify_theta_grad)
 
     def exit_resu_mode(self, commit: bool = True) -> None:
         """Leave RESU mode: ``commit=True`` keeps θ in the weight (DENSE mode, mask dropped); ``commit=False``
         zeroes the pruned slots again (SPARSE mode). The phase's hooks are removed."""
-        caller = "RESULinear.exit_resu_mode"
-        _check_commit(commit, caller)
-        if self.weight.mode is not ResuMode.RESU:
-            hint = "use layer.exit_qresu_mode()" if self.weight.mode is ResuMode.QRESU else "call layer.enter_resu_mode() first"
-            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not RESU; {hint}")
-        self._end_phase()
-        exit_resu_(self, commit=commit)
+        self._leave_phase(ResuMode.RESU, commit, exit_resu_)
 
     # ------------------------------------------------------------------ QRESU
     def enter_qresu_mode(
@@ -315,15 +306,21 @@ class RESULinear(nn.Linear):
         """Leave QRESU / QRESU-Selective mode: dequantize the active weights into a dense weight with θ merged
         (``commit=True``, DENSE mode) or zeroed (``commit=False``, SPARSE mode). Hooks and the selective
         optimizer are dropped."""
-        caller = "RESULinear.exit_qresu_mode"
-        _check_commit(commit, caller)
-        if self.weight.mode is not ResuMode.QRESU:
-            hint = "use layer.exit_resu_mode()" if self.weight.mode is ResuMode.RESU else "call layer.enter_qresu_mode() first"
-            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not QRESU; {hint}")
-        self._end_phase()
-        exit_qresu_(self, commit=commit)
+        self._leave_phase(ResuMode.QRESU, commit, exit_qresu_)
 
     # ------------------------------------------------------------------ phase bookkeeping
+    def _leave_phase(self, mode: ResuMode, commit: bool, exit_fn) -> None:
+        """``exit_resu_mode`` / ``exit_qresu_mode``: check the layer is in ``mode``, drop the phase's hooks, exit."""
+        name, other = ("resu", "qresu") if mode is ResuMode.RESU else ("qresu", "resu")
+        caller = f"RESULinear.exit_{name}_mode"
+        _check_commit(commit, caller)
+        if self.weight.mode is not mode:
+            in_other = self.weight.mode is ResuMode(other)
+            hint = f"use layer.exit_{other}_mode()" if in_other else f"call layer.enter_{name}_mode() first"
+            raise ValueError(f"{caller}: the layer is in {self._mode.name} mode, not {mode.name}; {hint}")
+        self._end_phase()
+        exit_fn(self, commit=commit)
+
     def _check_can_enter(self, method: str) -> None:
         mode = self.weight.mode
         if mode is ResuMode.DENSE:
@@ -341,7 +338,7 @@ class RESULinear(nn.Linear):
             handle.remove()
         self._phase_hooks = []
         self._selective_optimizer = None
-        self.weight.__dict__.pop("_stock_optimizer", None)
+        self.weight.set_write_policy(WritePolicy.REFUSE)
         self.weight.grad = None
 
 

@@ -9,11 +9,13 @@ from resu.tensors.mode import ResuMode
 
 
 class RESUMode(str, enum.Enum):
-    """What a ``RESULinear`` layer's forward and training do.
+    """What a ``RESULinear`` layer's forward and training do: the seed API's name for the mode.
 
-    The first four mirror :class:`resu.ResuMode` of the layer's weight (the values are the same
+    The library has one mode enum, :class:`resu.ResuMode` (a weight's mode); this is its view at the
+    layer level, a separate enum only because the seed API adds a fifth member (an ``Enum`` with
+    members cannot be subclassed). The first four are :class:`resu.ResuMode`'s values (the same
     strings, so ``RESUMode.RESU == resu.ResuMode.RESU``); ``QRESU_SELECTIVE`` is QRESU with a
-    :class:`~resu.core.selective.SelectionConfig` attached to the weight.
+    :class:`~resu.optim.selection_config.SelectionConfig` attached to the weight.
 
     - ``DENSE``: standard forward, no mask.
     - ``SPARSE``: pruned slots are exactly zero; active slots train.
@@ -34,8 +36,3 @@ class RESUMode(str, enum.Enum):
         if weight_mode is ResuMode.QRESU and selective is not None:
             return cls.QRESU_SELECTIVE
         return cls(ResuMode(weight_mode).value)
-
-    @property
-    def is_quantized(self) -> bool:
-        """True in QRESU and QRESU_SELECTIVE."""
-        return self in (RESUMode.QRESU, RESUMode.QRESU_SELECTIVE)

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from resu.compile import registry
+
 _INDEX_COMPLEMENT = (1 << 32) - 1
-
-
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    return all(t.is_cuda and t.is_contiguous() for t in tensors)
 
 
 def selection_keys_reference(grad: torch.Tensor) -> torch.Tensor:
@@ -36,7 +34,7 @@ def selection_keys_reference(grad: torch.Tensor) -> torch.Tensor:
 
 def selection_keys(grad: torch.Tensor) -> torch.Tensor:
     """int64 keys of a compact gradient vector: larger |g| → larger key, ties → lower index larger."""
-    if _use_triton(grad):
+    if registry.use_triton(grad):
         from resu.compile.triton_selective import selection_keys_triton
 
         return selection_keys_triton(grad)
@@ -83,7 +81,7 @@ def consistency_pass_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Update the EMAs of every slot, compute C, and keep in ``keys`` (in place) only the eligible
     slots (C > τ and key ≥ ``screen_threshold``), −1 elsewhere. Returns (ΣC, n_eligible), 0-d tensors."""
-    if _use_triton(grad, ema_m, ema_v, keys):
+    if registry.use_triton(grad, ema_m, ema_v, keys):
         from resu.compile.triton_selective import consistency_pass_triton_
 
         return consistency_pass_triton_(

@@ -7,8 +7,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from resu.compile.adamw_math import adamw_update_
-from resu.compile.masked_ops import masked_adamw_
-from resu.core.selective import SelectionConfig
+from resu.optim.adamw_step import MaskedSlots, Target, adamw_step_
+from resu.optim.selection_config import SelectionConfig
 from resu.optim.selective import (
     INTEGER_KEYS,
     SELECTIVE_KEYS,
@@ -16,7 +16,6 @@ from resu.optim.selective import (
     selective_step_,
     state_layout,
 )
-from resu.optim.theta_slots import PrunedSlots, ThetaTarget, adamw_all_
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -43,7 +42,7 @@ class ResuAdamW(torch.optim.Optimizer):
     ``foreach`` and ``fused`` are accepted for signature compatibility and currently ignored;
     ``capturable`` and ``differentiable`` are not supported.
 
-    ``selective`` (a :class:`~resu.core.selective.SelectionConfig`, default None) turns on RESU-Selective
+    ``selective`` (a :class:`~resu.optim.selection_config.SelectionConfig`, default None) turns on RESU-Selective
     for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
     updated each step (see :mod:`resu.optim.selective`); other parameters are stepped as usual. A param
     group may set its own ``selective``; a group with ``selective=None`` honours the config a weight was
@@ -231,14 +230,14 @@ class ResuAdamW(torch.optim.Optimizer):
         weights that do not train θ."""
         if not isinstance(p, ResuParameter) or not p.mode.trains_theta:
             return None
-        return group["selective"] if group["selective"] is not None else getattr(p, "_selective", None)
+        return group["selective"] if group["selective"] is not None else p.layout.selective
 
     @staticmethod
-    def _theta_target(p: ResuParameter) -> ThetaTarget:
-        """Where the θ of ``p`` lives: a compact vector, or the pruned slots of its dense weight."""
-        if p.mode is ResuMode.RESU:
-            return PrunedSlots.of(p)
-        return p._theta  # QRESU: θ is its own flat vector
+    def _slots(p: ResuParameter) -> Target:
+        """Where the trainable slots of ``p`` live: QRESU's θ vector, or masked slots of its dense weight."""
+        if p.mode is ResuMode.QRESU:
+            return p._theta
+        return MaskedSlots.theta_of(p) if p.mode is ResuMode.RESU else MaskedSlots.active_of(p)
 
     def _refuse_selective_amsgrad(self) -> None:
         """Weights tagged selective in an AMSGrad group: refuse before any parameter is stepped."""
@@ -254,7 +253,7 @@ class ResuAdamW(torch.optim.Optimizer):
         state = self._prepare_state(p, n_states, amsgrad, selection=tag)
         grad = p.grad
         values = grad.values if isinstance(grad, CompactGrad) else p._gather_pruned(grad)
-        selective_step_(self._theta_target(p), values, state, config, hyper, self._selection_stats)
+        selective_step_(self._slots(p), values, state, config, hyper, self._selection_stats)
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)
@@ -269,21 +268,14 @@ class ResuAdamW(torch.optim.Optimizer):
                 grad = grad.to_dense()
             adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
             return
-        if p.mode.trains_theta:
-            # A θ step is (θ holder, θ gradient, states); the holder knows whether it needs a compact grad.
-            target = self._theta_target(p)
-            if isinstance(grad, CompactGrad):
-                grad = grad.values
-            elif not isinstance(target, PrunedSlots):
-                grad = p._gather_pruned(grad)
-            adamw_all_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
-            return
+        # The trainable slots: a compact gradient is used as is; a dense one is gathered for a compact
+        # target (QRESU's θ) and read in place by masked slots of a dense weight.
+        target = self._slots(p)
         if isinstance(grad, CompactGrad):
             grad = grad.values
-        masked_adamw_(
-            p._weight, grad, state["exp_avg"], state["exp_avg_sq"], max_sq,
-            p._mask_storage, p._encoding.value, p.n_pruned, False, step, **hyper,
-        )
+        elif not isinstance(target, MaskedSlots):
+            grad = p._gather_pruned(grad)
+        adamw_step_(target, grad, state["exp_avg"], state["exp_avg_sq"], step, max_exp_avg_sq=max_sq, **hyper)
 
 
 def _check_selective(selective: Any, amsgrad: bool) -> None:

@@ -23,14 +23,9 @@ from typing import Optional
 
 import torch
 
-from resu.core.selective import STRATEGIES, SelectionConfig
+from resu.optim.adamw_step import Target, adamw_step_, key_at_least, positions_in_target, subset
 from resu.optim.consistency import consistency_selection, selection_keys
-from resu.optim.theta_slots import (
-    ThetaTarget,
-    adamw_subset_,
-    adamw_where_key_,
-    positions_in_target,
-)
+from resu.optim.selection_config import STRATEGIES, SelectionConfig
 
 EMA_KEYS = ("selection_m", "selection_v")
 SUBSET_KEYS = ("subset", "subset_positions", "subset_choices", "subset_seed")
@@ -106,7 +101,7 @@ def _ensure_ema(state: dict, like: torch.Tensor, n_slots: int) -> None:
             state[key] = torch.zeros(n_slots, dtype=like.dtype, device=like.device)
 
 
-def _choose_subset_(target: ThetaTarget, grad: torch.Tensor, state: dict, config: SelectionConfig) -> None:
+def _choose_subset_(target: Target, grad: torch.Tensor, state: dict, config: SelectionConfig) -> None:
     """Pick the k trained θ slots (ascending) and restart the Adam states for them."""
     n = grad.numel()
     k = config.select_count(n)
@@ -129,7 +124,7 @@ def _choose_subset_(target: ThetaTarget, grad: torch.Tensor, state: dict, config
 
 @torch.no_grad()
 def selective_step_(
-    target: ThetaTarget,
+    target: Target,
     grad: torch.Tensor,
     state: dict,
     config: SelectionConfig,
@@ -147,8 +142,8 @@ def selective_step_(
         if "subset" not in state or (every is not None and int(state["step"]) >= every):
             _choose_subset_(target, grad, state, config)
         state["step"] += 1
-        adamw_subset_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                      state["subset"], state["subset_positions"], **hyper)
+        adamw_step_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
+                    selection=subset(state["subset"], state["subset_positions"]), **hyper)
         if stats is not None:
             stats.add_static(state["subset"].numel(), n)
         return
@@ -157,6 +152,7 @@ def selective_step_(
     keys, threshold, sum_c, n_selected = consistency_selection(
         grad, state["selection_m"], state["selection_v"], config, hyper["maximize"]
     )
-    adamw_where_key_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]), keys, threshold, **hyper)
+    adamw_step_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
+                selection=key_at_least(keys, threshold), **hyper)
     if stats is not None:
         stats.add_consistency(sum_c, n_selected, n)

@@ -25,7 +25,7 @@ from resu.tensors import mask as mask_ops
 from resu.tensors.op_table import OpTable
 
 aten = torch.ops.aten
-_OPS = OpTable("CompactGrad")
+_OPS = OpTable()
 implements = _OPS.implements
 
 
@@ -95,17 +95,19 @@ class CompactGrad(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        handler = _OPS.lookup(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
-        if func._schema.is_mutable:
-            raise RuntimeError(
-                f"{func} would write into a CompactGrad (the gradient of a RESU-mode ResuParameter, which "
-                "stores only θ values). Update RESU weights with resu.ResuAdamW, or call "
-                "grad.to_dense() first to get an ordinary tensor."
-            )
-        return func(*tree_map(_densify, args), **tree_map(_densify, kwargs))
+        return _OPS.lookup(func)(func, args, kwargs or {})
+
+
+@_OPS.fallback
+def _dense_fallback(func, args, kwargs):
+    """Ops without a handler see the materialized dense gradient; in-place ones are refused."""
+    if func._schema.is_mutable:
+        raise RuntimeError(
+            f"{func} would write into a CompactGrad (the gradient of a RESU-mode ResuParameter, which "
+            "stores only θ values). Update RESU weights with resu.ResuAdamW, or call "
+            "grad.to_dense() first to get an ordinary tensor."
+        )
+    return func(*tree_map(_densify, args), **tree_map(_densify, kwargs))
 
 
 def _densify(x):

@@ -1,28 +1,29 @@
-"""A dispatch table from aten overloads to handlers, filled with an ``implements`` decorator.
+"""Dispatch tables filled with an ``implements`` decorator, one per entry kind of a tensor subclass.
 
-Each tensor subclass owns one table, so its ``__torch_dispatch__`` is a lookup rather than an
-if/elif chain, and the set of ops a subclass handles natively is readable in one place.
+A subclass owns one table for ``__torch_dispatch__`` (aten overloads) and, if it needs one, one for
+``__torch_function__`` (Python-level functions such as ``F.linear``): each entry point is a lookup
+rather than an if/elif chain, and the ops a subclass handles natively are readable in one place.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
-
-import torch
+from typing import Callable, Iterable, Optional
 
 
 class OpTable:
-    """Maps ``torch._ops.OpOverload`` (or an ``OpOverloadPacket``, meaning every overload) to handlers."""
+    """Maps ops to handlers called as ``handler(func, args, kwargs)``.
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    Keys are ``torch._ops.OpOverload`` (or an ``OpOverloadPacket``, meaning every overload) for a
+    dispatch table, and plain callables for a torch-function table. Ops without a handler go to
+    the table's fallback (set with :meth:`fallback`).
+    """
+
+    def __init__(self) -> None:
         self._handlers: dict[object, Callable] = {}
+        self._fallback: Optional[Callable] = None
 
     def implements(self, ops: object | Iterable[object]) -> Callable[[Callable], Callable]:
-        """Register the decorated function as the handler of ``ops``.
-
-        The handler is called as ``handler(func, args, kwargs)``.
-        """
+        """Register the decorated function as the handler of ``ops`` (one op or a list of them)."""
         op_list = list(ops) if isinstance(ops, (list, tuple, set)) else [ops]
 
         def decorator(fn: Callable) -> Callable:
@@ -32,11 +33,15 @@ class OpTable:
 
         return decorator
 
-    def lookup(self, func: torch._ops.OpOverload) -> Callable | None:
+    def fallback(self, fn: Callable) -> Callable:
+        """Register the decorated function as the handler of every op without one."""
+        self._fallback = fn
+        return fn
+
+    def lookup(self, func) -> Callable:
+        """The handler of ``func``: its own, its overload packet's, else the fallback."""
         handler = self._handlers.get(func)
         if handler is None:
-            handler = self._handlers.get(func.overloadpacket)
-        return handler
-
-    def __contains__(self, func: object) -> bool:
-        return func in self._handlers
+            packet = getattr(func, "overloadpacket", None)
+            handler = self._handlers.get(packet) if packet is not None else None
+        return handler if handler is not None else self._fallback

@@ -56,9 +56,6 @@ class QuantFormat:
             return (rows,)
         return (rows, self.row_stride(cols))
 
-    def packed_numel(self, numel: int) -> int:
-        return (numel + 1) // 2 if self.bits == 4 else numel
-
 
 def check_format(bits, scheme, group_size, caller: str) -> None:
     """Raise a ValueError naming the bad argument of ``caller``."""

@@ -1,0 +1,169 @@
+"""Triton AdamW kernels: one math definition (:func:`adamw_math`), three ways to reach the slots.
+
+- :func:`compact_adamw_triton_`: a compact vector (θ), every slot, a bool-mask subset or the slots whose
+  int64 selection key is ≥ a threshold (read on device, no host sync); states sized like the vector.
+- :func:`indexed_adamw_triton_`: k slots at given positions of a flat tensor; states sized k.
+- :func:`bitmap_adamw_triton_`: the pruned (or active) slots of a dense weight under a bitmap mask,
+  every one or those whose key is ≥ a threshold, found with :func:`resu.compile.triton_bitmap.tile_ranks`
+  (no index tensor); states and keys compact, the gradient compact or weight-shaped.
+
+The math follows :func:`resu.compile.adamw_math.adamw_update_` (``torch.optim.AdamW``) operation by
+operation, in fp32. :mod:`resu.optim.adamw_step` chooses between these kernels and the reference
+once per step; tests run every kernel against it on CPU under ``TRITON_INTERPRET=1``. This module
+imports Triton: import it lazily, only for CUDA tensors (or the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
+from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
+from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
+
+BLOCK = 1024
+
+# How the compact kernel picks its slots.
+SELECT_ALL, SELECT_MASK, SELECT_KEY = 0, 1, 2
+
+
+@triton.jit
+def adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):
+    """One AdamW step on fp32 registers, in the operation order of ``adamw_update_``."""
+    w = w * decay
+    m = m + (g - m) * (1 - beta1)
+    v = v * beta2 + g * g * (1 - beta2)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    w = w - step_size * (m / denom)
+    return w, m, v
+
+
+@triton.jit
+def _step_slots(
+    w_ptr, w_offs, g_ptr, g_offs, m_ptr, v_ptr, s_offs, sel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr,
+):
+    """Load, step and store the ``sel`` slots: weight at ``w_offs``, gradient at ``g_offs``, states at ``s_offs``."""
+    w = tl.load(w_ptr + w_offs, mask=sel, other=0).to(tl.float32)
+    g = tl.load(g_ptr + g_offs, mask=sel, other=0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_ptr + s_offs, mask=sel, other=0).to(tl.float32)
+    v = tl.load(v_ptr + s_offs, mask=sel, other=0).to(tl.float32)
+    w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+    tl.store(w_ptr + w_offs, w.to(w_ptr.dtype.element_ty), mask=sel)
+    tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
+    tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
+
+
+def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, weight_decay: float) -> tuple[float, float, float]:
+    """(decay factor, step size, sqrt of the second bias correction) of one AdamW step."""
+    return 1 - lr * weight_decay, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
+
+@triton.jit
+def _compact_kernel(
+    theta_ptr, g_ptr, m_ptr, v_ptr, sel_ptr, thr_ptr, n,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+    SELECT: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    sel = offs < n
+    if SELECT == 1:
+        sel = sel & (tl.load(sel_ptr + offs, mask=sel, other=0) != 0)
+    if SELECT == 2:
+        sel = sel & (tl.load(sel_ptr + offs, mask=sel, other=-1) >= tl.load(thr_ptr))
+    _step_slots(theta_ptr, offs, g_ptr, offs, m_ptr, v_ptr, offs, sel,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+
+
+def compact_adamw_triton_(
+    theta, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay, maximize,
+    select_mode: int = SELECT_ALL, selector=None, threshold=None,
+) -> None:
+    """AdamW on a compact θ vector: every slot, slots where the bool ``selector`` is True
+    (``SELECT_MASK``), or slots whose int64 key in ``selector`` is ≥ the 0-d ``threshold`` (``SELECT_KEY``)."""
+    n = theta.numel()
+    if n == 0:
+        return
+    decay, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
+    if select_mode == SELECT_MASK:
+        selector = selector.view(torch.uint8)
+    selector = grad if selector is None else selector  # an unused pointer when SELECT_ALL
+    threshold = selector if threshold is None else threshold
+    _compact_kernel[(triton.cdiv(n, BLOCK),)](
+        theta, grad, exp_avg, exp_avg_sq, selector, threshold, n,
+        decay, beta1, beta2, eps, step_size, bc2, select_mode, maximize, BLOCK,
+    )
+
+
+@triton.jit
+def _indexed_kernel(
+    param_ptr, pidx_ptr, g_ptr, gidx_ptr, m_ptr, v_ptr, k,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < k
+    pidx = tl.load(pidx_ptr + offs, mask=inb, other=0)
+    gidx = tl.load(gidx_ptr + offs, mask=inb, other=0)
+    _step_slots(param_ptr, pidx, g_ptr, gidx, m_ptr, v_ptr, offs, inb,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+
+
+def indexed_adamw_triton_(
+    param, param_index, grad, grad_index, exp_avg, exp_avg_sq, step, *,
+    lr, beta1, beta2, eps, weight_decay, maximize,
+) -> None:
+    """AdamW on ``param.view(-1)[param_index]`` with gradient ``grad[grad_index]``; states sized k."""
+    k = param_index.numel()
+    if k == 0:
+        return
+    decay, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
+    _indexed_kernel[(triton.cdiv(k, BLOCK),)](
+        param.view(-1), param_index, grad, grad_index, exp_avg, exp_avg_sq, k,
+        decay, beta1, beta2, eps, step_size, bc2, maximize, BLOCK,
+    )
+
+
+@triton.jit
+def _bitmap_kernel(
+    w_ptr, g_ptr, m_ptr, v_ptr, key_ptr, thr_ptr, bits_ptr, offsets_ptr, numel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
+    SELECT_PRUNED: tl.constexpr, GRAD_COMPACT: tl.constexpr, BY_KEY: tl.constexpr,
+    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, sel, rank = tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED, BLOCK)  # rank: compact index
+    if BY_KEY:
+        sel = sel & (tl.load(key_ptr + rank, mask=sel, other=-1) >= tl.load(thr_ptr))
+    if GRAD_COMPACT:
+        g_offs = rank
+    else:
+        g_offs = offs
+    _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+
+
+def bitmap_adamw_triton_(
+    weight, grad, exp_avg, exp_avg_sq, storage, select_pruned: bool, step, *,
+    lr, beta1, beta2, eps, weight_decay, maximize, keys=None, threshold=None,
+) -> None:
+    """AdamW in place on the selected slots of a bitmap-masked dense ``weight``: every pruned
+    (``select_pruned``) or active slot, or with ``keys`` only those whose key is ≥ the 0-d ``threshold``.
+
+    States and ``keys`` are compact (one per selected slot, ascending flat order); ``grad`` is compact
+    or weight-shaped."""
+    numel = weight.numel()
+    if numel == 0 or exp_avg.numel() == 0:
+        return
+    offsets = cached_block_offsets(storage, numel, select_pruned)
+    decay, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
+    by_key = keys is not None
+    keys = keys if by_key else storage  # unused pointers without keys
+    threshold = threshold if by_key else storage
+    _bitmap_kernel[(offsets.numel(),)](
+        weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, keys, threshold, storage, offsets, numel,
+        decay, beta1, beta2, eps, step_size, bc2,
+        select_pruned, grad.numel() != numel, by_key, maximize, BITMAP_BLOCK, num_warps=BITMAP_NUM_WARPS,
+    )

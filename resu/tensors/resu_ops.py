@@ -1,0 +1,203 @@
+"""What generic torch ops mean for a :class:`~resu.tensors.resu_parameter.ResuParameter`.
+
+Entries of its two tables: ``p[i] = v`` and ``p.data = t`` (torch functions, caught before autograd),
+and the aten ops ``detach``/``clone``/``_to_copy`` (keep the subclass), ``copy_`` (what
+``load_state_dict`` calls: adopts mode and mask), read-only ops (run on the effective dense weight),
+and the fallback for everything else. The ``resu::`` ops register their own entries in their files
+(:mod:`resu.compile.linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from resu.tensors.mode import ResuMode
+from resu.tensors.resu_parameter import ATEN_OPS, TORCH_FUNCTIONS, ResuParameter, run_without_subclass
+
+aten = torch.ops.aten
+
+
+def unwrap(t):
+    """A ResuParameter as its effective dense weight (the stored one outside QRESU); anything else as is."""
+    if not isinstance(t, ResuParameter):
+        return t
+    return t._weight if t._weight is not None else t.effective_weight()
+
+
+# ---------------------------------------------------------------------- torch functions
+@TORCH_FUNCTIONS.implements(torch._C.TensorBase.__setitem__)
+def _setitem(func, args, kwargs):
+    """``p[index] = value``: writes the weight; SPARSE keeps pruned slots at zero; refused in RESU."""
+    p, index, value = args
+    if not isinstance(p, ResuParameter):
+        return run_without_subclass(func, args, kwargs)
+    p._refuse_write_in_resu("item assignment")
+    if torch.is_grad_enabled() and p.requires_grad:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+    p._weight[index] = unwrap(value)
+    if p.mode is ResuMode.SPARSE:
+        p._zero_pruned_(p._weight)
+
+
+@TORCH_FUNCTIONS.implements(torch.Tensor.data.__set__)
+def _set_data(func, args, kwargs):
+    """``p.data = new``: same shape, dtype and device only (the wrapper's metadata is fixed).
+
+    From a ResuParameter, takes its inner tensors and layout (keeping this weight's selective tag and
+    write policy). From a plain tensor: DENSE shares its storage (as ``.data =`` does); SPARSE copies it
+    and keeps pruned slots at zero; RESU refuses.
+    """
+    p, new = args
+    if not isinstance(p, ResuParameter):
+        return run_without_subclass(func, args, kwargs)
+    if (new.shape, new.dtype, new.device) != (p.shape, p.dtype, p.device):
+        raise RuntimeError(
+            f"cannot assign .data of shape {tuple(new.shape)}, {new.dtype}, {new.device} to a ResuParameter of "
+            f"shape {tuple(p.shape)}, {p.dtype}, {p.device}; use resu.densify_ to get plain parameters"
+        )
+    if isinstance(new, ResuParameter):
+        kept = dict(selective=p.layout.selective, write_policy=p.layout.write_policy)
+        p._set_inner(new.layout.replace(**kept), new._inner())
+        if p.mode.trains_theta:
+            p._ensure_foreign_grad_hook()
+        return
+    p._refuse_write_in_resu("assigning .data")
+    if p.mode is ResuMode.SPARSE:
+        p._weight = new.detach().clone().contiguous()
+        p._zero_pruned_(p._weight)
+    else:
+        p._weight = new.detach().contiguous()
+
+
+# ---------------------------------------------------------------------- aten: keep the subclass
+@ATEN_OPS.implements([aten.detach.default, aten.alias.default])
+def _detach(func, args, kwargs):
+    return args[0]._map_inner(lambda t, _: func(t))
+
+
+@ATEN_OPS.implements(aten.clone.default)
+def _clone(func, args, kwargs):
+    return args[0]._map_inner(lambda t, _: t.clone(), lambda m: m.clone())
+
+
+@ATEN_OPS.implements(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    """dtype/device moves keep the subclass (``model.to(...)``, ``.cuda()``, ``.bfloat16()``).
+
+    The dtype applies to the weight (θ in QRESU mode); codes, scales and the mask only move device.
+    """
+    device = kwargs.get("device")
+    move = (lambda t: t.to(device=device)) if device is not None else None
+    return args[0]._map_inner(lambda t, is_value: func(t, **kwargs) if is_value else (move(t) if move else t), move)
+
+
+@ATEN_OPS.implements(aten.copy_.default)
+def _copy_(func, args, kwargs):
+    """``dst.copy_(src)``; what ``load_state_dict`` calls.
+
+    From a ResuParameter the destination also takes the source's mode and mask, so loading a
+    checkpoint into a freshly sparsified model restores it exactly. From a plain tensor only the
+    values change (SPARSE mode keeps its pruned slots at zero).
+    """
+    dst, src = args[0], args[1]
+    if not isinstance(dst, ResuParameter):
+        return func(dst, unwrap(src), **kwargs)
+    if isinstance(src, ResuParameter):
+        _adopt_copy(dst, src)
+        return dst
+    if dst.mode.trains_theta:
+        raise RuntimeError(
+            f"copying a plain tensor into a ResuParameter in {dst.mode.name} mode (load_state_dict of a dense "
+            "checkpoint?) would overwrite its frozen active weights and θ. Load it before resu.enter_resu_ / "
+            "resu.enter_qresu_, or load a state_dict saved from a model with ResuParameters (it carries mode and mask)."
+        )
+    return _run_on_effective_weight(func, args, kwargs)
+
+
+def _adopt_copy(dst: ResuParameter, src: ResuParameter) -> None:
+    """Make ``dst`` a copy of ``src`` (values, mode, mask, quantized state) on ``dst``'s device and dtype."""
+    device = dst.device
+    inner = {}
+    for name in src.layout.inner_names:
+        t = getattr(src, name)
+        mine = getattr(dst, name)
+        if name == "_weight" and mine is not None and mine.shape == t.shape:
+            mine.copy_(t)  # in place: keeps the storage the parameter already had
+            inner[name] = mine
+        else:
+            is_value = name in ("_weight", "_theta")
+            inner[name] = t.to(device=device, dtype=dst.dtype if is_value else t.dtype, copy=True)
+    if (src.mode, src.layout.layout_id) != (dst.mode, dst.layout.layout_id):
+        dst.grad = None
+    kept = dict(selective=dst.layout.selective, write_policy=dst.layout.write_policy)
+    dst._set_inner(src.layout.replace(**kept), inner)
+    if dst.mode.trains_theta:
+        dst._ensure_foreign_grad_hook()
+
+
+# ---------------------------------------------------------------------- aten: run on the dense weight
+@ATEN_OPS.implements(
+    [
+        aten.t.default,
+        aten.transpose.int,
+        aten.mm.default,
+        aten.addmm.default,
+        aten.matmul.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.expand.default,
+        aten.permute.default,
+    ]
+)
+def _read_effective(func, args, kwargs):
+    """Read-only ops (``x @ W.t()`` and friends) run directly on the effective dense weight."""
+    return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _mutated_resu_params(func, args, kwargs) -> list:
+    """The ResuParameters an op writes into, read off its schema's alias annotations."""
+    if not func._schema.is_mutable:
+        return []
+    mutated = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        for leaf in tree_flatten(value)[0]:
+            if isinstance(leaf, ResuParameter):
+                mutated.append(leaf)
+    return mutated
+
+
+@ATEN_OPS.fallback
+def _run_on_effective_weight(func, args, kwargs):
+    """Ops without a handler run on the effective dense weight.
+
+    In-place ops write through to the weight. In SPARSE mode the pruned slots are re-zeroed after,
+    so the SPARSE invariant holds; in RESU mode they are refused, since they would move frozen
+    active weights (this is what stops a stock optimizer from decaying them). A RESU weight whose
+    write policy is ``RESTORE_ACTIVE`` takes the write instead, and gets its active values back
+    bitwise right after it (gathered before the op, scattered back after).
+    """
+    mutated = _mutated_resu_params(func, args, kwargs)
+    for p in mutated:
+        p._refuse_write_in_resu(f"in-place {func}", restorable=True)
+    frozen = [_save_active(p) for p in mutated if p._restores_active_after_writes()]
+    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+    for p in mutated:
+        if p.mode is ResuMode.SPARSE:
+            p._zero_pruned_(p._weight)
+    for flat, index, values in frozen:
+        flat.index_copy_(0, index, values)
+    if mutated and isinstance(out, torch.Tensor) and out is mutated[0]._weight:
+        return mutated[0]
+    return out
+
+
+def _save_active(p: ResuParameter) -> tuple:
+    """``(flat weight, active flat indices, their current values)``: what restores the active slots."""
+    flat = p._weight.view(-1)
+    index = p._active_indices()
+    return flat, index, flat.index_select(0, index)
