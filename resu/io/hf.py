@@ -52,14 +52,15 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, state_dict: O
             written dense as well.
         **kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``safe_serialization``, ...).
     """
-    if not callable(getattr(model, "save_pretrained", None)):
+    if not callable(getattr(type(model), "save_pretrained", None)):
         raise TypeError(
             f"save_pretrained: `model` must be a Hugging Face model with a save_pretrained method, got "
             f"{type(model).__name__}; use resu.save_safetensors(model, path) for other models"
         )
     if state_dict is None:
         state_dict = model.state_dict()
-    model.save_pretrained(save_directory, state_dict=dense_state_dict(state_dict), **kwargs)
+    # The class's method: the instance's own may be this function (attach_save_pretrained).
+    type(model).save_pretrained(model, save_directory, state_dict=dense_state_dict(state_dict), **kwargs)
     layout_path = os.path.join(os.fspath(save_directory), LAYOUT_FILE)
     if not kwargs.get("is_main_process", True):
         return
@@ -67,6 +68,41 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, state_dict: O
     for name in params:
         tensors.pop(inner_key(name, "_weight"), None)  # the dense weight is the model's own file's
     save_file(tensors, layout_path, metadata={METADATA_KEY: encode_header(params, tied)})
+
+
+class _SavePretrained:
+    """What :func:`attach_save_pretrained` puts at ``model.save_pretrained``: :func:`save_pretrained` for this model.
+
+    A small object rather than a bound method, so ``copy.deepcopy`` and pickling carry it over."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: PathLike, *args, **kwargs) -> None:
+        if args:
+            raise TypeError("save_pretrained: pass every argument after `save_directory` by keyword")
+        save_pretrained(self.model, save_directory, **kwargs)
+
+
+def attach_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make ``model.save_pretrained(d, ...)`` of this model call :func:`resu.save_pretrained` (in place).
+
+    Hugging Face's ``save_pretrained`` reads ``model.state_dict()``, which holds the ResuParameters
+    themselves (so that ``torch.save``/``load_state_dict`` keep modes and masks); safetensors cannot
+    write those. After this call the model's own ``save_pretrained`` (and so ``transformers.Trainer``
+    checkpoints) writes the dense export plus ``resu_layout.safetensors``. Only this model object is
+    affected; ``del model.save_pretrained`` undoes it.
+
+    Returns:
+        ``model`` itself.
+    """
+    if not callable(getattr(type(model), "save_pretrained", None)):
+        raise TypeError(
+            f"attach_save_pretrained: `model` must be a Hugging Face model with a save_pretrained method, got "
+            f"{type(model).__name__}"
+        )
+    model.save_pretrained = _SavePretrained(model)
+    return model
 
 
 def _dense_weights(directory: str, keys: list[str]) -> dict[str, torch.Tensor]:

@@ -56,11 +56,12 @@ def plan_load(
         layout, shape = check_entry_header(source, name, entry, target)
         resu_entries[name] = check_inner(source, name, layout, shape, target.dtype, tensors)
     inner_keys = {inner_key(n, a) for n in params for a in ALL_INNER_NAMES}
-    used_inner = {inner_key(n, a) for n, e in resu_entries.items() for a in e.layout.inner_names}
-    stray = sorted(k for k in tensors if k in inner_keys and k not in used_inner)
-    if stray:
-        name = next(n for n in params if stray[0].startswith(n + "."))
-        raise fail(source, name, "tensors", f"the file holds {stray}, which its layout does not use")
+    for name, entry in resu_entries.items():
+        stray = [inner_key(name, a) for a in ALL_INNER_NAMES if a not in entry.layout.inner_names]
+        stray = [k for k in stray if k in tensors]
+        if stray:
+            raise fail(source, name, "tensors", f"the file holds {stray}, which its {entry.layout.mode.value} layout "
+                       "does not use")
 
     plain_keys = {k for k in tensors if k not in inner_keys}
     unexpected = sorted(k for k in covered | set(plain_keys) if k not in targets)
