@@ -179,3 +179,16 @@ def test_load_pretrained_refuses_a_mismatch_and_changes_nothing(tmp_path):
 def test_save_pretrained_needs_a_hugging_face_model(tmp_path):
     with pytest.raises(TypeError, match="save_safetensors"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
+
+
+def test_readme_hugging_face_runs(tmp_path, monkeypatch):
+    from tests.test_safetensors import readme_block, resu_with_io
+
+    monkeypatch.chdir(tmp_path)
+    model = _in_mode(_model("llama"), "qresu4")
+    code = readme_block("Hugging Face").replace("import resu\n", "")
+    namespace = {"model": model, "resu": resu_with_io()}
+    exec(code, namespace)
+    ids = _ids()
+    assert torch.equal(_logits(namespace["served"], ids), _logits(model, ids))
+    assert_same_state(exact_state(model), exact_state(namespace["restored"]), same_objects=False)

@@ -408,3 +408,38 @@ def test_safetensors_own_savers_fail_early_with_a_clear_error(tmp_path, mode):
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     x = torch.randn(3, 12)
     assert torch.equal(fresh(x), model(x))
+
+
+# ---------------------------------------------------------------------- the README's code
+def readme_block(heading):
+    """The first python block of README section ``heading``."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def resu_with_io():
+    """``resu`` with the saving functions reachable as ``resu.<name>`` (the names the package exports)."""
+    import types
+
+    import resu.io
+
+    return types.SimpleNamespace(**{**vars(resu), **{n: getattr(resu.io, n) for n in resu.io.__all__}})
+
+
+def test_readme_saving_and_loading_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = model_in_mode("resu")
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-3)
+    nn.functional.cross_entropy(model(torch.randn(4, 12)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    scope = {"model": model, "opt": opt, "build_model": lambda: mlp(seed=7)}
+    code = readme_block("Saving and loading").replace("import torch, resu\n", "import torch\n")
+    namespace = {**scope, "resu": resu_with_io()}
+    exec(code, namespace)
+    x = torch.randn(3, 12)
+    assert torch.equal(namespace["fresh"](x), model(x))
+    assert namespace["fresh_opt"].state_dict()["state"].keys() == opt.state_dict()["state"].keys()
