@@ -443,3 +443,27 @@ def test_readme_saving_and_loading_runs(tmp_path, monkeypatch):
     x = torch.randn(3, 12)
     assert torch.equal(namespace["fresh"](x), model(x))
     assert namespace["fresh_opt"].state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+# ---------------------------------------------------------------------- devices
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
+def test_loads_to_the_models_device(tmp_path, mode):
+    """A file saved from a CUDA model loads into a CPU model and back; tensors follow the model."""
+    path = tmp_path / "model.safetensors"
+    gpu = model_in_mode(mode).cuda()
+    save_safetensors(gpu, path)
+    cpu = resu.sparsify_(mlp(seed=3))
+    load_safetensors_(cpu, path)
+    x = torch.randn(4, 12)
+    assert all(t.device.type == "cpu" for p in cpu.parameters() for t in
+               ([getattr(p, a) for a in p.__tensor_flatten__()[0]] if isinstance(p, resu.ResuParameter) else [p]))
+    save_safetensors(cpu, path)
+    again = resu.sparsify_(mlp(seed=4)).cuda()
+    load_safetensors_(again, path)
+    assert all(p.device.type == "cuda" for p in again.parameters())
+    for p in again.parameters():
+        if isinstance(p, resu.ResuParameter):
+            assert all(getattr(p, a).device.type == "cuda" for a in p.__tensor_flatten__()[0])
+    torch.testing.assert_close(again(x.cuda()).cpu(), cpu(x))
+    assert_same_state(exact_state(cpu), exact_state(again.cpu()), same_objects=False)
