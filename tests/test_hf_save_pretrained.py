@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import resu
-from resu.io import LAYOUT_FILE, attach_save_pretrained, load_pretrained_, save_pretrained
+from resu.io import LAYOUT_FILE, attach_hf_checkpointing, load_pretrained_, save_pretrained
 from tests.helpers import assert_same_state, exact_state
 
 transformers = pytest.importorskip("transformers")
@@ -135,7 +135,7 @@ def test_plain_save_pretrained_fails_early_unless_attached(tmp_path):
     assert not os.path.exists(tmp_path / "plain" / "model.safetensors")
     assert_same_state(before, exact_state(model))
 
-    attach_save_pretrained(model)
+    attach_hf_checkpointing(model)
     model.save_pretrained(tmp_path / "attached")  # what transformers.Trainer calls for checkpoints
     save_pretrained(model, tmp_path / "explicit")
     a, b = _file_tensors(tmp_path / "attached"), _file_tensors(tmp_path / "explicit")
@@ -148,7 +148,7 @@ def test_plain_save_pretrained_fails_early_unless_attached(tmp_path):
 def test_attached_save_pretrained_survives_deepcopy(tmp_path):
     import copy
 
-    model = attach_save_pretrained(_in_mode(_model("llama"), "sparse"))
+    model = attach_hf_checkpointing(_in_mode(_model("llama"), "sparse"))
     twin = copy.deepcopy(model)
     assert twin.save_pretrained.model is twin
     twin.save_pretrained(tmp_path)

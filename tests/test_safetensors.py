@@ -411,14 +411,14 @@ def test_safetensors_own_savers_fail_early_with_a_clear_error(tmp_path, mode):
 
 
 # ---------------------------------------------------------------------- the README's code
-def readme_block(heading):
-    """The first python block of README section ``heading``."""
+def readme_block(heading, index=0):
+    """Python block number ``index`` of README section ``heading``."""
     import pathlib
     import re
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)[index]
 
 
 def resu_with_io():
