@@ -192,3 +192,24 @@ def test_readme_hugging_face_runs(tmp_path, monkeypatch):
     ids = _ids()
     assert torch.equal(_logits(namespace["served"], ids), _logits(model, ids))
     assert_same_state(exact_state(model), exact_state(namespace["restored"]), same_objects=False)
+
+
+def test_layout_file_never_loads_plain_weights(tmp_path):
+    """The layout file describes ResuParameters only: a plain key in it is unexpected and never loaded."""
+    from safetensors.torch import save_file
+
+    model = _in_mode(_model("llama"), "sparse")
+    save_pretrained(model, tmp_path)
+    with safe_open(tmp_path / LAYOUT_FILE, framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["model.norm.weight"] = torch.full((64,), 7.0)
+    save_file(tensors, tmp_path / LAYOUT_FILE, metadata=metadata)
+    target = resu.sparsify_(transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
+    before = exact_state(target)
+    with pytest.raises(ValueError, match="unexpected keys \\['model.norm.weight'\\]"):
+        load_pretrained_(target, tmp_path)
+    assert_same_state(before, exact_state(target))
+    result = load_pretrained_(target, tmp_path, strict=False)
+    assert result.unexpected_keys == ["model.norm.weight"]
+    assert torch.equal(target.model.norm.weight, model.model.norm.weight)
+    assert_same_state(exact_state(model), exact_state(target), same_objects=False)

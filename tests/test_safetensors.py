@@ -467,3 +467,11 @@ def test_loads_to_the_models_device(tmp_path, mode):
             assert all(getattr(p, a).device.type == "cuda" for a in p.__tensor_flatten__()[0])
     torch.testing.assert_close(again(x.cuda()).cpu(), cpu(x))
     assert_same_state(exact_state(cpu), exact_state(again.cpu()), same_objects=False)
+
+
+def test_a_meta_model_cannot_be_saved(tmp_path):
+    with torch.device("meta"):
+        model = WithBuffer()
+    with pytest.raises(ValueError, match="meta"):
+        save_safetensors(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -11,10 +11,10 @@ from resu.io.format import dtype_name, inner_key
 from resu.tensors.resu_parameter import ResuParameter
 
 
-def _storage_key(t: torch.Tensor) -> Optional[tuple]:
-    """Where a plain tensor's bytes live (None on the meta device, which has none)."""
+def _storage_key(key: str, t: torch.Tensor) -> tuple:
+    """Where a plain tensor's bytes live."""
     if t.device.type == "meta":
-        return None
+        raise ValueError(f"save_safetensors: `{key}` is on the meta device (it has no values); materialize the model first")
     return (t.device, t.untyped_storage().data_ptr())
 
 
@@ -40,7 +40,7 @@ def flatten_model(
         if isinstance(value, ResuParameter):
             identity = ("resu", id(value))
         else:
-            where = _storage_key(value)
+            where = _storage_key(key, value)
             identity = ("plain", where, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
         if identity in first_key:
             tied[key] = first_key[identity]
@@ -52,7 +52,7 @@ def flatten_model(
                 tensors[inner_key(key, attr)] = t.detach().contiguous()
             continue
         where = identity[1]
-        shared = where is not None and where in storages
+        shared = where in storages
         storages.add(where)
         tensors[key] = value.clone(memory_format=torch.contiguous_format) if shared else value.contiguous()
     return tensors, params, tied

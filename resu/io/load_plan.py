@@ -28,6 +28,35 @@ class LoadPlan(NamedTuple):
     result: LoadResult
 
 
+def _check_resu_entries(source, targets, params, tensors) -> dict[str, ResuEntry]:
+    """Every ResuParameter of the file that the model has, checked (header, inner tensors, no stray ones)."""
+    entries: dict[str, ResuEntry] = {}
+    for name, entry in params.items():
+        target = targets.get(name)
+        if target is None:
+            continue  # unexpected: reported with the other keys
+        if not isinstance(target, ResuParameter):
+            raise fail(source, name, "params", "is a ResuParameter in the file but a plain tensor in the model; "
+                       "call resu.sparsify_(model) (with the same filter_fn) before loading")
+        layout, shape = check_entry_header(source, name, entry, target)
+        entries[name] = check_inner(source, name, layout, shape, target.dtype, tensors)
+        stray = [k for k in (inner_key(name, a) for a in ALL_INNER_NAMES if a not in layout.inner_names) if k in tensors]
+        if stray:
+            raise fail(source, name, "tensors", f"the file holds {stray}, which its {layout.mode.value} layout does not use")
+    return entries
+
+
+def _check_plain_entries(source, targets, tensors, plain_keys) -> None:
+    for key in [k for k in tensors if k in plain_keys]:  # file order: the first problem is reported
+        target = targets.get(key)
+        if target is None:
+            continue
+        if isinstance(target, ResuParameter):
+            raise fail(source, key, "params", "is a ResuParameter in the model but a plain tensor in the file; "
+                       "it was saved from a model without resu.sparsify_ (load it with load_state_dict)")
+        check_plain(source, key, tensors[key], target)
+
+
 def plan_load(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -41,44 +70,24 @@ def plan_load(
     """Check everything the file holds against ``model`` (changing nothing) and say what to write where.
 
     ``resu_only``: the file holds the ResuParameters only (the other weights come from elsewhere), so
-    plain ``state_dict`` keys are neither expected nor missing.
+    plain ``state_dict`` keys are neither expected nor missing, and plain tensors in it are unexpected.
     """
     targets = model.state_dict(keep_vars=True)
-    covered = set(params) | set(tied)
-    resu_entries: dict[str, ResuEntry] = {}
-    for name, entry in params.items():
-        target = targets.get(name)
-        if target is None:
-            continue  # unexpected: reported below
-        if not isinstance(target, ResuParameter):
-            raise fail(source, name, "params", "is a ResuParameter in the file but a plain tensor in the model; "
-                       "call resu.sparsify_(model) (with the same filter_fn) before loading")
-        layout, shape = check_entry_header(source, name, entry, target)
-        resu_entries[name] = check_inner(source, name, layout, shape, target.dtype, tensors)
+    resu_entries = _check_resu_entries(source, targets, params, tensors)
     inner_keys = {inner_key(n, a) for n in params for a in ALL_INNER_NAMES}
-    for name, entry in resu_entries.items():
-        stray = [inner_key(name, a) for a in ALL_INNER_NAMES if a not in entry.layout.inner_names]
-        stray = [k for k in stray if k in tensors]
-        if stray:
-            raise fail(source, name, "tensors", f"the file holds {stray}, which its {entry.layout.mode.value} layout "
-                       "does not use")
-
     plain_keys = {k for k in tensors if k not in inner_keys}
-    unexpected = sorted(k for k in covered | set(plain_keys) if k not in targets)
-    for key in plain_keys:
-        target = targets.get(key)
-        if target is None:
-            continue
-        if isinstance(target, ResuParameter):
-            raise fail(source, key, "params", "is a ResuParameter in the model but a plain tensor in the file; "
-                       "it was saved from a model without resu.sparsify_ (load it with load_state_dict)")
-        check_plain(source, key, tensors[key], target)
+    covered = set(params) | set(tied)
+    unexpected = sorted(k for k in covered | plain_keys if k not in targets or (resu_only and k in plain_keys))
+    if resu_only:
+        plain_keys = set()  # never loaded from a layout file
+    _check_plain_entries(source, targets, tensors, plain_keys)
     for alias, canonical in tied.items():
         if canonical not in params and canonical not in plain_keys:
             raise fail(source, alias, "tied", f"refers to `{canonical}`, which the file does not hold")
-    expected = (set(params) | set(tied)) if resu_only else set(targets)
     if resu_only:
-        expected |= {k for k, v in targets.items() if isinstance(v, ResuParameter)}
+        expected = covered | {k for k, v in targets.items() if isinstance(v, ResuParameter)}
+    else:
+        expected = set(targets)
     missing = sorted(k for k in expected if k not in covered and k not in plain_keys)
     if strict and (missing or unexpected):
         raise ValueError(
