@@ -50,7 +50,7 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, state_dict: O
         save_directory: the directory to write.
         state_dict: the state dict to save (default ``model.state_dict()``); ResuParameters in it are
             written dense as well.
-        **kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``safe_serialization``, ...).
+        **kwargs: passed on to ``model.save_pretrained`` (``max_shard_size``, ``is_main_process``, ...).
     """
     if not callable(getattr(type(model), "save_pretrained", None)):
         raise TypeError(
@@ -59,7 +59,7 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, state_dict: O
         )
     if state_dict is None:
         state_dict = model.state_dict()
-    # The class's method: the instance's own may be this function (attach_save_pretrained).
+    # The class's method: the instance's own may route here (resu.io.hf_checkpointing).
     type(model).save_pretrained(model, save_directory, state_dict=dense_state_dict(state_dict), **kwargs)
     layout_path = os.path.join(os.fspath(save_directory), LAYOUT_FILE)
     if not kwargs.get("is_main_process", True):
@@ -68,67 +68,6 @@ def save_pretrained(model: nn.Module, save_directory: PathLike, *, state_dict: O
     for name in params:
         tensors.pop(inner_key(name, "_weight"), None)  # the dense weight is the model's own file's
     save_file(tensors, layout_path, metadata={METADATA_KEY: encode_header(params, tied)})
-
-
-class _SavePretrained:
-    """What :func:`attach_hf_checkpointing` puts at ``model.save_pretrained``: :func:`save_pretrained` for this model.
-
-    A small object rather than a bound method, so ``copy.deepcopy`` and pickling carry it over."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, save_directory: PathLike, *args, **kwargs) -> None:
-        if args:
-            raise TypeError("save_pretrained: pass every argument after `save_directory` by keyword")
-        save_pretrained(self.model, save_directory, **kwargs)
-
-
-def _keep_own_export(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """``load_state_dict`` pre-hook: a plain tensor equal to a ResuParameter's effective weight is that
-    parameter's own export, so the parameter stays as it is (mode, mask, θ) instead of being refused.
-
-    A RESU/QRESU weight refuses a plain copy (it would overwrite frozen weights and θ). Resuming a
-    ``transformers.Trainer`` reloads the checkpoint's dense export after :func:`load_pretrained_` has
-    restored the layout; those tensors equal the effective weights bitwise, and loading them is a
-    no-op. A tensor that differs is refused here, before anything is loaded."""
-    for name, p in module.named_parameters():
-        key = prefix + name
-        value = state_dict.get(key)
-        if not isinstance(p, ResuParameter) or not isinstance(value, torch.Tensor) or isinstance(value, ResuParameter):
-            continue
-        if value.shape == p.shape and value.dtype == p.dtype and torch.equal(value.to(p.device), p.effective_weight()):
-            state_dict[key] = p
-        elif p.mode.trains_theta:
-            raise ValueError(
-                f"load_state_dict: `{key}` is a ResuParameter in {p.mode.value} mode and the dense tensor given for it "
-                "is not its effective weight; restore the checkpoint's layout first with resu.load_pretrained_(model, "
-                "checkpoint_directory) (Trainer: before trainer.train(resume_from_checkpoint=...)); the model is unchanged"
-            )
-
-
-def attach_hf_checkpointing(model: nn.Module) -> nn.Module:
-    """Make this Hugging Face model's own checkpoint paths resu-aware, in place (``transformers.Trainer`` uses them).
-
-    - ``model.save_pretrained(d, ...)`` calls :func:`resu.save_pretrained`: the dense export plus
-      ``resu_layout.safetensors``. (Hugging Face's own ``save_pretrained`` reads ``model.state_dict()``,
-      which holds the ResuParameters themselves, and safetensors cannot write those.)
-    - ``model.load_state_dict`` of that dense export into the model it describes (after
-      :func:`resu.load_pretrained_`) keeps every ResuParameter as it is, so ``Trainer.train(
-      resume_from_checkpoint=d)`` works.
-
-    Only this model object is affected. Returns ``model`` itself.
-    """
-    if not callable(getattr(type(model), "save_pretrained", None)):
-        raise TypeError(
-            f"attach_hf_checkpointing: `model` must be a Hugging Face model with a save_pretrained method, got "
-            f"{type(model).__name__}"
-        )
-    model.save_pretrained = _SavePretrained(model)
-    if not model.__dict__.get("_resu_keeps_own_export"):
-        model.register_load_state_dict_pre_hook(_keep_own_export)
-        model._resu_keeps_own_export = True
-    return model
 
 
 def _dense_weights(directory: str, keys: list[str]) -> dict[str, torch.Tensor]:
