@@ -21,6 +21,14 @@ from resu.api.resu_phase import enter_resu_, exit_resu_
 from resu.api.sparsify import densify_, sparsify_
 from resu.api.stabilize import StabilizeStats, capture_reference, stabilize_
 from resu.eval import generate_text, perplexity
+from resu.io import (
+    LoadResult,
+    attach_hf_checkpointing,
+    load_pretrained_,
+    load_safetensors_,
+    save_pretrained,
+    save_safetensors,
+)
 from resu.optim.selection_config import SelectionConfig
 from resu.optim.resu_adamw import ResuAdamW
 from resu.plotting import plot_cycles
@@ -34,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CommitStats",
+    "LoadResult",
     "CompactGrad",
     "ResuAdamW",
     "ResuMode",
@@ -42,6 +51,7 @@ __all__ = [
     "SparseMask",
     "StabilizeStats",
     "adopt_zeros_",
+    "attach_hf_checkpointing",
     "capture_reference",
     "commit_",
     "densify_",
@@ -50,9 +60,13 @@ __all__ = [
     "exit_qresu_",
     "exit_resu_",
     "generate_text",
+    "load_pretrained_",
+    "load_safetensors_",
     "perplexity",
     "plot_cycles",
     "prune_",
+    "save_pretrained",
+    "save_safetensors",
     "sequential_prune_",
     "sparsify_",
     "stabilize_",

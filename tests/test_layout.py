@@ -32,15 +32,15 @@ def _param(mode):
 def test_flatten_declares_the_inner_tensors_of_the_mode_and_the_layout_as_metadata(mode):
     p = _param(mode)
     names, meta = p.__tensor_flatten__()
-    assert meta is p.layout and tuple(names) == INNER_TENSORS[p.mode]
+    assert meta is p.resu_layout and tuple(names) == INNER_TENSORS[p.mode]
     rebuilt = type(p).__tensor_unflatten__({n: getattr(p, n) for n in names}, meta, p.shape, p.stride())
-    assert rebuilt.layout == p.layout and rebuilt.mode is p.mode
+    assert rebuilt.resu_layout == p.resu_layout and rebuilt.mode is p.mode
     assert torch.equal(rebuilt.effective_weight(), p.effective_weight())
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_to_dict_is_json_and_round_trips(mode):
-    layout = _param(mode).layout
+    layout = _param(mode).resu_layout
     data = json.loads(json.dumps(layout.to_dict()))
     back = ResuLayout.from_dict(data)
     assert back == layout
@@ -54,8 +54,8 @@ def test_pickle_round_trips_the_whole_spec_with_weights_only(mode):
     torch.save(p, buf)
     buf.seek(0)
     q = torch.load(buf, weights_only=True)
-    assert q.layout == p.layout and q.layout.layout_id == p.layout.layout_id
-    assert q.layout.selective == p.layout.selective
+    assert q.resu_layout == p.resu_layout and q.resu_layout.layout_id == p.resu_layout.layout_id
+    assert q.resu_layout.selective == p.resu_layout.selective
     assert isinstance(q, nn.Parameter) and q.requires_grad == p.requires_grad
     assert torch.equal(q.effective_weight(), p.effective_weight())
 
@@ -71,15 +71,15 @@ def test_equality_ignores_what_a_compiled_graph_does_not_depend_on():
 def test_old_private_names_read_the_spec_and_writes_go_through_it():
     p = _param("resu")
     assert (p._mode, p._encoding, p._n_pruned, p._layout_id) == (
-        p.layout.mode, p.layout.encoding, p.layout.n_pruned, p.layout.layout_id
+        p.resu_layout.mode, p.resu_layout.encoding, p.resu_layout.n_pruned, p.resu_layout.layout_id
     )
-    layout_id = p.layout.layout_id
+    layout_id = p.resu_layout.layout_id
     p._selective = None
-    assert p.layout.selective is None and p.layout.layout_id == layout_id
+    assert p.resu_layout.selective is None and p.resu_layout.layout_id == layout_id
     p.set_selective(SelectionConfig(strategy="magnitude"))
     p.set_write_policy(WritePolicy.RESTORE_ACTIVE)
-    assert p._selective.strategy == "magnitude" and p.layout.write_policy is WritePolicy.RESTORE_ACTIVE
-    assert p.layout.layout_id == layout_id  # same slot set: optimizer states are kept
+    assert p._selective.strategy == "magnitude" and p.resu_layout.write_policy is WritePolicy.RESTORE_ACTIVE
+    assert p.resu_layout.layout_id == layout_id  # same slot set: optimizer states are kept
 
 
 @pytest.mark.parametrize(

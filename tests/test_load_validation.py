@@ -45,7 +45,7 @@ def _model(case: str, seed: int) -> nn.Module:
     elif mode.startswith("qresu"):
         bits, scheme = mode[len("qresu"):].split("-")
         resu.enter_qresu_(model, bits=int(bits), scheme=scheme, group_size=4, epsilon=0.5, generator=gen)
-    assert model[0].weight.layout.encoding_name == (None if case == "dense" else enc)
+    assert model[0].weight.resu_layout.encoding_name == (None if case == "dense" else enc)
     return model
 
 
@@ -105,7 +105,7 @@ def _tamper(t: torch.Tensor, kind: str, amount: int, pos: int, numel: int) -> to
 def _usable(p: ResuParameter) -> None:
     """What an accepted weight must satisfy, checked without the validator under test."""
     if p.mode.has_mask:
-        mask = SparseMask.from_storage(p._mask_storage, p.layout.encoding, tuple(p.shape), p.n_pruned, validate=True)
+        mask = SparseMask.from_storage(p._mask_storage, p.resu_layout.encoding, tuple(p.shape), p.n_pruned, validate=True)
         pruned = mask.pruned_indices
         assert pruned.numel() == p.n_pruned and torch.unique(pruned).numel() == p.n_pruned
         assert int((~p.active_mask).sum()) == p.n_pruned
@@ -159,7 +159,7 @@ OUTCOMES = {"refused": 0, "accepted": 0}
 )
 def test_fuzz_tampered_checkpoints_are_refused_unchanged_or_usable(case, which, kind, amount, pos):
     p = _model(case, 1)[0].weight
-    names = p.layout.inner_names
+    names = p.resu_layout.inner_names
     name = names[which % len(names)]
     if kind == "n_pruned":
         if not p.mode.has_mask:
@@ -180,7 +180,7 @@ def test_the_fuzz_saw_both_outcomes():
 @pytest.mark.parametrize("case", CASES)
 def test_every_length_change_of_every_inner_tensor_is_refused_by_both_load_paths(case):
     p = _model(case, 1)[0].weight
-    for name in p.layout.inner_names:
+    for name in p.resu_layout.inner_names:
         for kind in ("truncate", "extend"):
             t = getattr(p, name)
             if kind == "truncate" and t.numel() == 0:
@@ -258,7 +258,7 @@ def test_strided_mask_storage_is_refused_by_the_mask_validator():
     strided = torch.stack([storage, storage], 1)[:, 0]
     assert torch.equal(strided, storage) and not strided.is_contiguous()
     with pytest.raises(ValueError, match="contiguous"):
-        SparseMask.from_storage(strided, p.layout.encoding, tuple(p.shape), p.n_pruned, validate=True)
+        SparseMask.from_storage(strided, p.resu_layout.encoding, tuple(p.shape), p.n_pruned, validate=True)
 
 
 def test_enter_qresu_refuses_a_one_dimensional_weight_and_changes_nothing():

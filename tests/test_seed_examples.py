@@ -195,7 +195,7 @@ def test_exit_resu_mode_example(commit):
         # Pruned positions stay zero
         assert (layer.weight.effective_weight()[~active] == 0).all()
     assert torch.equal(layer.weight.effective_weight()[active], w_active)
-    assert layer.weight.layout.write_policy is WritePolicy.REFUSE and layer._phase_hooks == []
+    assert layer.weight.resu_layout.write_policy is WritePolicy.REFUSE and layer._phase_hooks == []
 
 
 def test_exit_qresu_mode_example():

@@ -123,11 +123,11 @@ def test_exit_resu_removes_hooks_and_flag_and_merges(commit):
     layer.prune_by_magnitude(0.5)
     hooks = _hook_counts(layer.weight)
     layer.enter_resu_mode(epsilon=0.5, generator=_gen())
-    assert layer.weight.layout.write_policy is WritePolicy.RESTORE_ACTIVE
+    assert layer.weight.resu_layout.write_policy is WritePolicy.RESTORE_ACTIVE
     theta = layer.weight.theta.clone()
     pruned = ~layer.weight.active_mask
     layer.exit_resu_mode(commit=commit)
-    assert layer.weight.layout.write_policy is WritePolicy.REFUSE
+    assert layer.weight.resu_layout.write_policy is WritePolicy.REFUSE
     # the core's own gradient hook (registered on the first RESU entry) is the only one that stays
     assert _hook_counts(layer.weight)[0] <= hooks[0] + 1 and _hook_counts(layer.weight)[1] == hooks[1]
     w = layer.weight.effective_weight()

@@ -134,6 +134,12 @@ def sparsify_(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> nn.Modu
     _replace_all([(w, new[pid], owners[pid]) for pid, w in plan.items()])
     # load_state_dict then validates every incoming ResuParameter before it copies anything.
     register_load_checks(model)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        # A Hugging Face model: its own save_pretrained (and Trainer's checkpoints) write the dense export
+        # plus resu's layout file, instead of failing inside safetensors on the ResuParameters.
+        from resu.io.hf_checkpointing import attach_hf_checkpointing
+
+        attach_hf_checkpointing(model)
     return model
 
 

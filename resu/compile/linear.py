@@ -222,7 +222,7 @@ def _linear_input_grad_resu(func, args, kwargs):
 @ATEN_OPS.implements(linear_weight_grad)
 def _linear_weight_grad_resu(func, args, kwargs):
     grad_out, x, weight = args
-    layout = weight.layout
+    layout = weight.resu_layout
     if layout.mode.trains_theta:
         # Gather θ's gradient straight from the matmul result (bf16 under autocast): the dense
         # weight-dtype gradient is never materialized.

@@ -33,7 +33,7 @@ def densify_theta_grad(param) -> None:
     active part), so the result is always exactly zero at the active slots.
     """
     grad = param.grad
-    if isinstance(grad, CompactGrad) and param.mode is ResuMode.RESU and param.layout.write_policy is WritePolicy.RESTORE_ACTIVE:
+    if isinstance(grad, CompactGrad) and param.mode is ResuMode.RESU and param.resu_layout.write_policy is WritePolicy.RESTORE_ACTIVE:
         param.grad = grad.to_dense()
 
 

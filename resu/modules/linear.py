@@ -86,7 +86,7 @@ class RESULinear(nn.Linear):
     @property
     def _mode(self) -> RESUMode:
         """The layer's :class:`RESUMode` (the weight's mode; QRESU_SELECTIVE when a selective config is attached)."""
-        return RESUMode.of(self.weight.mode, self.weight.layout.selective)
+        return RESUMode.of(self.weight.mode, self.weight.resu_layout.selective)
 
     @property
     def _mask(self) -> Optional[SparseMask]:

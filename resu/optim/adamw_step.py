@@ -41,12 +41,12 @@ class MaskedSlots:
     @classmethod
     def theta_of(cls, p) -> "MaskedSlots":
         """The θ slots of a RESU-mode ResuParameter."""
-        return cls(p._weight, p._mask_storage, p.layout.encoding, p.n_pruned, True)
+        return cls(p._weight, p._mask_storage, p.resu_layout.encoding, p.n_pruned, True)
 
     @classmethod
     def active_of(cls, p) -> "MaskedSlots":
         """The trainable (active) slots of a SPARSE-mode ResuParameter."""
-        return cls(p._weight, p._mask_storage, p.layout.encoding, p.n_pruned, False)
+        return cls(p._weight, p._mask_storage, p.resu_layout.encoding, p.n_pruned, False)
 
     def flat_indices(self) -> torch.Tensor:
         """int64 flat positions of the slots in ``weight``, ascending."""

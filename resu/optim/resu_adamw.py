@@ -173,7 +173,7 @@ class ResuAdamW(torch.optim.Optimizer):
                 state = states.get(pid)
                 if state is None:
                     continue
-                layout = p.layout.layout_id if isinstance(p, ResuParameter) else 0
+                layout = p.resu_layout.layout_id if isinstance(p, ResuParameter) else 0
                 if not isinstance(state, dict) or state.get("layout_id") != layout:
                     continue  # another slot set: _prepare_state restarts (resizes) it at the next step
                 selective = self._selection_for(p, {"selective": saved.get("selective")})
@@ -264,7 +264,7 @@ class ResuAdamW(torch.optim.Optimizer):
         weights that do not train θ."""
         if not isinstance(p, ResuParameter) or not p.mode.trains_theta:
             return None
-        return group["selective"] if group["selective"] is not None else p.layout.selective
+        return group["selective"] if group["selective"] is not None else p.resu_layout.selective
 
     @staticmethod
     def _slots(p: ResuParameter) -> Target:

@@ -58,8 +58,8 @@ def _set_data(func, args, kwargs):
             f"shape {tuple(p.shape)}, {p.dtype}, {p.device}; use resu.densify_ to get plain parameters"
         )
     if isinstance(new, ResuParameter):
-        kept = dict(selective=p.layout.selective, write_policy=p.layout.write_policy)
-        p._set_inner(new.layout.replace(**kept), new._inner())
+        kept = dict(selective=p.resu_layout.selective, write_policy=p.resu_layout.write_policy)
+        p._set_inner(new.resu_layout.replace(**kept), new._inner())
         if p.mode.trains_theta:
             p._ensure_foreign_grad_hook()
         return
@@ -164,7 +164,7 @@ def _adopt_copy(dst: ResuParameter, src: ResuParameter) -> None:
     validate_parameter("copy_ source", src)
     device = dst.device
     inner = {}
-    for name in src.layout.inner_names:
+    for name in src.resu_layout.inner_names:
         t = getattr(src, name)
         mine = getattr(dst, name)
         if name == "_weight" and mine is not None and mine.shape == t.shape:
@@ -173,10 +173,10 @@ def _adopt_copy(dst: ResuParameter, src: ResuParameter) -> None:
         else:
             is_value = name in ("_weight", "_theta")
             inner[name] = t.to(device=device, dtype=dst.dtype if is_value else t.dtype, copy=True)
-    if (src.mode, src.layout.layout_id) != (dst.mode, dst.layout.layout_id):
+    if (src.mode, src.resu_layout.layout_id) != (dst.mode, dst.resu_layout.layout_id):
         dst.grad = None
-    kept = dict(selective=dst.layout.selective, write_policy=dst.layout.write_policy)
-    dst._set_inner(src.layout.replace(**kept), inner)
+    kept = dict(selective=dst.resu_layout.selective, write_policy=dst.resu_layout.write_policy)
+    dst._set_inner(src.resu_layout.replace(**kept), inner)
     if dst.mode.trains_theta:
         dst._ensure_foreign_grad_hook()
 

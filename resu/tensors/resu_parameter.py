@@ -141,7 +141,7 @@ class ResuParameter(torch.Tensor):
 
     # ------------------------------------------------------------------ public accessors
     @property
-    def layout(self) -> ResuLayout:
+    def resu_layout(self) -> ResuLayout:
         """The :class:`~resu.tensors.layout.ResuLayout`: mode, mask encoding, pruned count, quant format."""
         return self._layout
 
@@ -406,7 +406,7 @@ def compact_foreign_grad(param: "ResuParameter") -> None:
     """
     grad = param.grad
     if param.mode.trains_theta and grad is not None and not isinstance(grad, CompactGrad):
-        layout = param.layout
+        layout = param.resu_layout
         with torch.no_grad():
             values = torch.ops.resu.gather_masked(
                 grad, param._mask_storage, layout.encoding_name, layout.n_pruned, True, param.dtype
