@@ -59,8 +59,8 @@ def cycles_figure(stats: Iterable[Any], *, title: str = "RESU cycles"):
     ax_sp.set(title="sparsity at the end of each cycle", xlabel="cycle", ylabel="fraction of weights pruned", ylim=(-0.02, 1.02))
     ax_sp.legend()
 
-    ax_loss.plot(cycles, _finite([r["train_loss"] for r in rows]), "o-", label="TRAIN phase (before pruning)")
-    ax_loss.plot(cycles, _finite([r.get("resu_loss", float("nan")) for r in rows]), "s-", label="RESU θ phase (after pruning)")
+    ax_loss.plot(cycles, _finite([r["train_loss"] for r in rows]), "o-", label="TRAIN phase (before the cycle prunes)")
+    ax_loss.plot(cycles, _finite([r.get("resu_loss", float("nan")) for r in rows]), "s-", label="RESU θ phase (after the cycle prunes)")
     ax_loss.set(title="training loss, mean over each phase", xlabel="cycle", ylabel="loss")
     ax_loss.legend()
 

@@ -102,7 +102,7 @@ def test_cycle_plot_separates_what_is_measured_before_and_after_pruning():
     assert loss_ax is not acc_ax and "after the commit" in acc_ax.get_title()
     labels = {line.get_label(): list(line.get_ydata()) for line in loss_ax.get_lines()}
     train_label = next(label for label in labels if label.startswith("TRAIN"))
-    assert "before pruning" in train_label and labels[train_label] == [0.01, 1.01]
+    assert "before the cycle prunes" in train_label and labels[train_label] == [0.01, 1.01]
     assert [list(line.get_ydata()) for line in acc_ax.get_lines()] == [[0.45, 0.55]]
     assert loss_ax.get_ylabel() == "loss" and acc_ax.get_ylabel() == "accuracy"
     assert all(ax.get_xlabel() == "cycle" for ax in fig.axes)
