@@ -1,4 +1,4 @@
-"""The digits demo (``python -m resu.demo``) runs end to end, prints its comparison table and saves the plot."""
+"""The digits demo (``python -m resu.demo --digits``) runs end to end, prints its comparison table and saves the plot."""
 
 import math
 import sys
@@ -9,7 +9,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 pytest.importorskip("matplotlib")
 
-from resu import demo  # noqa: E402
+from resu.demo import digits as demo  # noqa: E402
+import resu.demo  # noqa: E402
 
 METHODS = ("one-shot + fine-tune", "RESU cycles")
 
@@ -72,3 +73,36 @@ def test_bad_arguments_are_rejected(capsys, argv, flag):
     with pytest.raises(SystemExit):
         demo.main(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_digits_flag_of_the_demo_command_runs_the_digits_demo(capsys):
+    argv = ["--quick", "--seeds", "1", "--sparsity", "0.8", "--plot", "", "--budget", "20", "--dense-steps", "10"]
+    via_flag = resu.demo.main(["--digits"] + argv)
+    capsys.readouterr()
+    assert via_flag == demo.main(argv)
+
+
+def test_cycle_plot_separates_what_is_measured_before_and_after_pruning():
+    """Cycle 0's train loss is a mean over the dense TRAIN phase, the accuracy is read after the commit:
+    they sit on separately titled panels, each line labelled with the moment it measures."""
+    from resu.plotting import cycles_figure
+    from resu.training.stats import CycleStats
+
+    stats = [
+        CycleStats(cycle=c, target_sparsity=0.9, actual_sparsity=0.9, train_loss=0.01 + c, train_steps=5, resu_steps=5,
+                   resu_updates=10, mean_consistency=math.nan, mean_selection_ratio=1.0, resurrection_budget=0.1,
+                   n_resurrected=7, n_active_kept=0, resurrection_rate=0.1, duration_seconds=1.0, resu_loss=0.5,
+                   eval_metrics={"accuracy": 0.45 + 0.1 * c})
+        for c in range(2)
+    ]
+    fig = cycles_figure(stats)
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    loss_ax = next(ax for t, ax in by_title.items() if "loss" in t)
+    acc_ax = next(ax for t, ax in by_title.items() if "accuracy" in t)
+    assert loss_ax is not acc_ax and "after the commit" in acc_ax.get_title()
+    labels = {line.get_label(): list(line.get_ydata()) for line in loss_ax.get_lines()}
+    train_label = next(label for label in labels if label.startswith("TRAIN"))
+    assert "before the cycle prunes" in train_label and labels[train_label] == [0.01, 1.01]
+    assert [list(line.get_ydata()) for line in acc_ax.get_lines()] == [[0.45, 0.55]]
+    assert loss_ax.get_ylabel() == "loss" and acc_ax.get_ylabel() == "accuracy"
+    assert all(ax.get_xlabel() == "cycle" for ax in fig.axes)

@@ -1,6 +1,6 @@
 """RESU demo on scikit-learn's digits: RESU training cycles against one-shot pruning + fine-tuning.
 
-Run it with ``python -m resu.demo`` (needs the demo extras: ``pip install -e '.[demo]'``).
+Run it with ``python -m resu.demo --digits`` (needs the demo extras: ``pip install -e '.[demo]'``).
 
 An MLP 64 → 128 → 64 → 10 (ReLU) is trained densely on the bundled 8×8 digits data set (no
 download). Then, for every target sparsity (70% and 90% by default) and every seed, two runs start
@@ -65,7 +65,7 @@ def _require_demo_deps():
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m resu.demo",
+        prog="python -m resu.demo --digits",
         description="RESU training cycles vs one-shot magnitude pruning + fine-tuning of an MLP on scikit-learn's digits.",
     )
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.7, 0.9], help="target sparsities (default 0.7 0.9)")
