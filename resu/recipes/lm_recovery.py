@@ -9,8 +9,9 @@ of optimizer steps on the same stream of token batches, so they compare at equal
   weights stay frozen, a commit back to the same sparsity in which resurrected slots compete with
   active ones, then sparse fine-tuning for the remaining steps.
 
-The defaults of :class:`RecoveryRecipe` are the ones that measured best on pretrained LMs
-(``benchmarks/llm_recipe_sweep.py``, ``benchmarks/llm_recovery.py``; BENCHMARKS.md):
+The defaults of :class:`RecoveryRecipe` avoid what measured harmful on pretrained LMs
+(``benchmarks/llm_recipe_sweep.py``, ``benchmarks/llm_recovery.py``; BENCHMARKS.md). They do not make
+the recipe beat plain sparse fine-tuning at equal steps yet; see BENCHMARKS.md for the measurements.
 
 - θ starts at zero (``epsilon=0``): ε·σ_A noise in every pruned slot of a pretrained model costs more
   than a short θ phase wins back;
