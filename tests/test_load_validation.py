@@ -172,9 +172,17 @@ def test_fuzz_tampered_checkpoints_are_refused_unchanged_or_usable(case, which, 
     _load_pickle(tampered)
 
 
-def test_the_fuzz_saw_both_outcomes():
-    # Runs after the fuzz (file order): out-of-range floats and codes are valid data, truncations are not.
-    assert OUTCOMES["refused"] > 0 and OUTCOMES["accepted"] > 0, OUTCOMES
+@pytest.mark.parametrize("case", ["resu-bitmap", "qresu4-per_group-bitmap"])
+def test_the_load_paths_accept_valid_values_and_refuse_bad_lengths(case):
+    """Both outcomes of the fuzz above, on fixed inputs: an extreme value in a float inner tensor is
+    valid data (accepted and usable); the same tensor one element short is refused, model unchanged."""
+    p = _model(case, 1)[0].weight
+    name = "_weight" if case.startswith("resu") else "_theta"
+    before = dict(OUTCOMES)
+    _load_into_model(case, _rebuilt(p, name, _tamper(getattr(p, name), "out_of_range", 2, 0, NUMEL)))
+    assert OUTCOMES["accepted"] == before["accepted"] + 1
+    _load_into_model(case, _rebuilt(p, name, _tamper(getattr(p, name), "truncate", 1, 0, NUMEL)))
+    assert OUTCOMES["refused"] == before["refused"] + 1
 
 
 @pytest.mark.parametrize("case", CASES)
