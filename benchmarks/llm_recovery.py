@@ -13,7 +13,7 @@ Rows, per sparsity (``0.5``, ``0.7`` or an N:M pattern such as ``2:4``):
 
 - ``dense``; ``magnitude``, ``wanda``, ``sparsegpt``: one-shot pruning (Hugging Face decoders are
   calibrated block by block); ``wanda+dsnot``: Wanda, then DSnoT's training-free mask refinement.
-- Training rows, all from the *same* Wanda-pruned model, on the *same* batch stream (one stream per
+- Training rows, all from the *same* pruned model (Wanda's; ``--start`` picks another one-shot pruner), on the *same* batch stream (one stream per
   seed), for the same number of optimizer steps:
   ``finetune`` (the active weights, :func:`resu.recipes.lm_recovery.finetune_`), ``resu`` (θ phase →
   commit → fine-tune, :func:`~resu.recipes.lm_recovery.recover_` with the default
@@ -101,11 +101,18 @@ def scratch_workload(args, log) -> Workload:
     train, val, test = split_bytes("train"), split_bytes("validation"), split_bytes("test")
     torch.manual_seed(0)
     model = lm_scratch.build_model(args.size, args.seq)
-    log(f"scratch model {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-        f"{train.numel() / 1e6:.1f}M train bytes; training {args.scratch_steps} steps")
-    lm_scratch.train_from_scratch(
-        model, train, steps=args.scratch_steps, batch=args.batch, seq_len=args.seq, device=args.device, log=log
-    )
+    if args.scratch_cache and os.path.exists(args.scratch_cache):
+        # several processes can share one pre-trained model (and so compare on the same dense start)
+        model.load_state_dict(torch.load(args.scratch_cache, map_location="cpu", weights_only=True))
+        log(f"scratch model {args.size}: loaded from {args.scratch_cache}")
+    else:
+        log(f"scratch model {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"{train.numel() / 1e6:.1f}M train bytes; training {args.scratch_steps} steps")
+        lm_scratch.train_from_scratch(
+            model, train, steps=args.scratch_steps, batch=args.batch, seq_len=args.seq, device=args.device, log=log
+        )
+        if args.scratch_cache:
+            torch.save(model.state_dict(), args.scratch_cache)
     model.float()
 
     def windows(tokens: torch.Tensor, n_batches: int) -> list[torch.Tensor]:
@@ -234,14 +241,46 @@ def train_lora(model: nn.Module, batches, steps: int, *, rank: int, lr: float, l
     return merged, losses
 
 
+def load_variants(path: Optional[str]) -> dict[str, tuple[str, RecoveryRecipe]]:
+    """``{name: {"row": "finetune"|"resu"|"qresu", **RecoveryRecipe fields}}`` from a JSON file → rows.
+
+    A variant row trains like its base row with those recipe fields changed; ``selective`` is given as
+    the keyword arguments of :class:`resu.SelectionConfig`.
+    """
+    if not path:
+        return {}
+    with open(path) as f:
+        spec = json.load(f)
+    variants = {}
+    for name, fields in spec.items():
+        fields = dict(fields)
+        base = fields.pop("row", "resu")
+        if base not in ("finetune", "resu", "qresu") or name in ALL_ROWS:
+            raise SystemExit(f"--variants: {name!r} needs row finetune/resu/qresu and a name that is not a built-in row")
+        if base == "qresu":
+            fields.setdefault("quantized", dict(QRESU_FORMAT))
+        if fields.get("selective") is not None:
+            fields["selective"] = resu.SelectionConfig(**fields["selective"])
+        variants[name] = (base, RecoveryRecipe(**fields))
+    return variants
+
+
+def is_training_row(row: str, args) -> bool:
+    return row in TRAINING_ROWS or row in args.variant_rows
+
+
 def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step) -> tuple[nn.Module, dict]:
     model = copy.deepcopy(pruned)
     loss_fn = make_loss_fn(args.device)
     info: dict[str, Any] = {}
-    if row == "finetune":
-        info["losses"] = finetune_(model, batches, args.steps, recipe=RecoveryRecipe(), loss_fn=loss_fn, on_step=on_step)
-    elif row in ("resu", "qresu"):
-        recipe = RecoveryRecipe(quantized=dict(QRESU_FORMAT)) if row == "qresu" else RecoveryRecipe()
+    base, recipe = args.variant_rows.get(row, (row, None))
+    if base == "finetune":
+        recipe = recipe or RecoveryRecipe()
+        info["losses"] = finetune_(model, batches, args.steps, recipe=recipe, loss_fn=loss_fn, on_step=on_step)
+        info["recipe"] = dataclasses.asdict(recipe)
+    elif base in ("resu", "qresu"):
+        if recipe is None:
+            recipe = RecoveryRecipe(quantized=dict(QRESU_FORMAT)) if row == "qresu" else RecoveryRecipe()
         seen = {}
 
         def record(phase, step, loss):
@@ -250,7 +289,7 @@ def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step)
             on_step(phase, step, loss)
 
         report = recover_(model, batches, args.steps, calib=calib, recipe=recipe, loss_fn=loss_fn, on_step=record,
-                          generator=torch.Generator().manual_seed(args.seed_now))  # θ noise is drawn on the CPU
+                          pattern=args.pattern_now, generator=torch.Generator().manual_seed(args.seed_now))  # θ noise is drawn on the CPU
         info.update(losses=report.losses, theta_steps=report.theta_steps, n_resurrected=report.n_resurrected,
                     recipe=dataclasses.asdict(recipe), **seen)
     elif row == "lora":
@@ -271,16 +310,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def table(runs: list[dict], sparsities: list[dict], rows: list[str], unit: str) -> str:
+def table(runs: list[dict], sparsities: list[dict], rows: list[str], unit: str, training: set, start: str = "wanda") -> str:
     lines = []
     for spec in sparsities:
         label = spec["label"]
         mine = [r for r in runs if r["sparsity"] in (label, "-")]
-        base = {split: mean_std([r[split] for r in mine if r["row"] == "wanda"])[0] for split in ("val", "test")
-                if any(r["row"] == "wanda" for r in mine)}
+        base = {split: mean_std([r[split] for r in mine if r["row"] == start])[0] for split in ("val", "test")
+                if any(r["row"] == start for r in mine)}
         dense = {split: mean_std([r[split] for r in mine if r["row"] == "dense"])[0] for split in ("val", "test")
                  if any(r["row"] == "dense" for r in mine)}
-        lines.append(f"\n{label}: perplexity per {unit} (mean ± std over seeds), gap recovered = (wanda − row)/(wanda − dense) on test")
+        lines.append(f"\n{label}: perplexity per {unit} (mean ± std over seeds), gap recovered = ({start} − row)/({start} − dense) on test")
         lines.append("| row | val | test | gap recovered | sparsity after | weight storage vs dense | seeds |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for row in rows:
@@ -292,7 +331,7 @@ def table(runs: list[dict], sparsities: list[dict], rows: list[str], unit: str) 
                 m, s = mean_std([r[split] for r in got])
                 cells.append(f"{m:.3f} ± {s:.3f}")
             gap = ""
-            if row in TRAINING_ROWS and "test" in base and "test" in dense and base["test"] != dense["test"]:
+            if row in training and "test" in base and "test" in dense and base["test"] != dense["test"]:
                 gap = f"{100 * (base['test'] - mean_std([r['test'] for r in got])[0]) / (base['test'] - dense['test']):.0f}%"
             after = f"{mean_std([r['sparsity_after'] for r in got])[0]:.1%}"
             memory = ""
@@ -302,7 +341,7 @@ def table(runs: list[dict], sparsities: list[dict], rows: list[str], unit: str) 
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], sparsities: list[dict], path: str) -> None:
+def plot(runs: list[dict], sparsities: list[dict], path: str, rows: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +350,7 @@ def plot(runs: list[dict], sparsities: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), squeeze=False)
     for ax, spec in zip(axes[0], sparsities):
         mine = [r for r in runs if r["sparsity"] == spec["label"] and r.get("losses")]
-        for row in TRAINING_ROWS:
+        for row in rows:
             curves = [r["losses"] for r in mine if r["row"] == row]
             if not curves:
                 continue
@@ -351,7 +390,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--eval-batches", type=int, default=None)
     ap.add_argument("--calib-batches", type=int, default=None)
-    ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), choices=ALL_ROWS)
+    ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), help=f"built-in rows {', '.join(ALL_ROWS)}, or variant names")
+    ap.add_argument("--variants", default=None, help="JSON file of recipe variants (see load_variants)")
+    ap.add_argument("--start", default="wanda", choices=("magnitude", "wanda", "sparsegpt"),
+                    help="the one-shot pruner whose model every training row starts from")
+    ap.add_argument("--scratch-cache", default=None, help="file to load the pre-trained scratch model from (or save it to)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or 2)")
@@ -367,6 +410,10 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.variant_rows = load_variants(args.variants)
+    unknown = [r for r in args.rows if r not in ALL_ROWS and r not in args.variant_rows]
+    if unknown:
+        ap.error(f"--rows: unknown rows {unknown}; built-in rows are {list(ALL_ROWS)}, others must be in --variants")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here; use --device cpu")
     return args
@@ -397,7 +444,7 @@ def main(argv=None) -> dict:
     work = smollm2_workload(args) if args.model == "smollm2" else scratch_workload(args, log)
     dense = work.dense.to(args.device)
     calib, val, test = (on_device(b, args.device) for b in (work.calib, work.val, work.test))
-    n_training = sum(r in TRAINING_ROWS for r in args.rows)
+    n_training = sum(is_training_row(r, args) for r in args.rows)
     bar = tqdm(total=n_training * args.steps * len(args.seeds) * len(sparsities), disable=quiet, unit="step",
                desc="training rows")
     runs: list[dict] = []
@@ -417,18 +464,19 @@ def main(argv=None) -> dict:
     for spec in sparsities:
         pruned = None
         for row in ("magnitude", "wanda", "sparsegpt", "wanda+dsnot"):
-            if row in args.rows or (row == "wanda" and n_training):
+            if row in args.rows or (row == args.start and n_training):
                 t = time.time()
                 model = oneshot(dense, row, spec, calib, args.device)
                 seconds = time.time() - t
-                if row in args.rows:
+                if row in args.rows or row == args.start:
                     add(row, spec["label"], None, model, prune_seconds=seconds)
-                if row == "wanda":
+                if row == args.start:
                     pruned = model  # every training row starts from this model
+        args.pattern_now = spec.get("pattern")
         for seed in args.seeds:
             args.seed_now = seed
-            for row in TRAINING_ROWS:
-                if row not in args.rows:
+            for row in args.rows:
+                if not is_training_row(row, args):
                     continue
                 torch.manual_seed(seed)
                 batches = on_device(work.train_stream(seed), args.device) if args.device != "cpu" else work.train_stream(seed)
@@ -440,24 +488,26 @@ def main(argv=None) -> dict:
                 t = time.time()
                 model, info = run_training_row(row, pruned, batches, args, calib, on_step)
                 info["train_seconds"] = time.time() - t
-                if row in ("resu", "qresu"):
+                if "theta_bytes" in info:
                     info["dense_bytes"] = dense_bytes(dense)
                 add(row, spec["label"], seed, model, **info)
                 del model
     bar.close()
     seconds = time.time() - start
-    settings = {k: v for k, v in vars(args).items() if k != "seed_now"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("seed_now", "variant_rows")}
+    settings["variant_recipes"] = {k: [b, dataclasses.asdict(r)] for k, (b, r) in args.variant_rows.items()}
     settings.update(recipe=dataclasses.asdict(RecoveryRecipe()), qresu_format=QRESU_FORMAT, seconds=seconds,
                     unit=work.unit, tokens_per_step=args.seq * args.batch)
     result = {"settings": settings, "runs": runs}
     with open(os.path.join(args.out, "llm_recovery.json"), "w") as f:
         json.dump(result, f, indent=1)
     os.remove(partial)
-    plot(runs, sparsities, os.path.join(args.out, "llm_recovery.png"))
+    training_rows = [r for r in args.rows if is_training_row(r, args)]
+    plot(runs, sparsities, os.path.join(args.out, "llm_recovery.png"), training_rows)
     name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else f"scratch byte-level LM ({args.size})"
     print(f"\n{name}: {args.steps} steps × {args.batch}×{args.seq} tokens per training row, seeds {args.seeds}, "
           f"eval {args.eval_batches}×{args.batch}×{args.seq} {work.unit}s per split, device {args.device}")
-    print(table(runs, sparsities, args.rows, work.unit))
+    print(table(runs, sparsities, args.rows, work.unit, set(training_rows), args.start))
     print(f"\ntotal {seconds / 60:.1f} min; wrote {os.path.join(args.out, 'llm_recovery.json')} and llm_recovery.png")
     return result
 

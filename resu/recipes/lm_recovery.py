@@ -30,9 +30,12 @@ import torch
 import torch.nn as nn
 
 from resu.api.commit import commit_
+from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_
 from resu.api.resu_phase import enter_resu_
 from resu.optim.resu_adamw import ResuAdamW
+from resu.optim.selection_config import SelectionConfig
+from resu.prune.registry import PRUNE_METHODS
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
 
@@ -56,6 +59,15 @@ class RecoveryRecipe:
         grad_clip: max gradient norm (None: no clipping).
         quantized: run the θ phase in QRESU mode (active weights frozen as packed codes) with these
             :func:`resu.enter_qresu_` keyword arguments, e.g. ``{"bits": 4, "scheme": "per_group"}``.
+        warmup: share of each phase's steps over which its learning rate rises linearly from lr/k to lr
+            (k = the warm-up steps); 0 starts every phase at full learning rate.
+        cycles: how many θ phase → commit → fine-tune rounds share the step budget (each gets an equal
+            share; the last takes the remainder).
+        selective: train θ with RESU-Selective (a :class:`resu.SelectionConfig`); None trains every θ.
+        reprune: commit by re-pruning instead of a commit strategy: θ is merged into every weight and
+            the merged weights are pruned back to the starting sparsity with this prune method (e.g.
+            ``"sparsegpt"``, whose update folds what the dropped slots did into the kept ones, so
+            more of the θ phase's gain survives the commit). None uses ``commit_strategy``.
     """
 
     resu_fraction: float = 0.5
@@ -68,6 +80,10 @@ class RecoveryRecipe:
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0
     quantized: Optional[dict] = None
+    warmup: float = 0.0
+    cycles: int = 1
+    selective: Optional[SelectionConfig] = None
+    reprune: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.resu_fraction, bool) or not 0.0 <= float(self.resu_fraction) <= 1.0:
@@ -76,6 +92,19 @@ class RecoveryRecipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"RecoveryRecipe: {name} must be a number >= 0, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, float)) or not 0.0 <= self.warmup <= 1.0:
+            raise ValueError(f"RecoveryRecipe: warmup must be a share of a phase's steps in [0, 1], got {self.warmup!r}")
+        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
+            raise ValueError(f"RecoveryRecipe: cycles must be an int >= 1, got {self.cycles!r}")
+        if self.reprune is not None and self.reprune not in PRUNE_METHODS:
+            raise ValueError(
+                f"RecoveryRecipe: reprune must be a registered prune method {PRUNE_METHODS.names()} or None, "
+                f"got {self.reprune!r}"
+            )
+        if self.selective is not None and not isinstance(self.selective, SelectionConfig):
+            raise ValueError(
+                f"RecoveryRecipe: selective must be a resu.SelectionConfig or None, got {type(self.selective).__name__}"
+            )
 
 
 @dataclasses.dataclass
@@ -113,6 +142,10 @@ def _train(model, batches: Iterator, steps: int, lr: float, recipe, loss_fn, on_
         return
     params = _resu_parameters(model)
     opt = ResuAdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    # Adam's first steps move every trainable slot by about lr whatever its gradient's size; a linear
+    # warm-up keeps millions of freshly started θ from jolting a pretrained model's function at once.
+    warm = int(round(steps * recipe.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
     was_training = model.training
     model.train()
     try:
@@ -122,6 +155,7 @@ def _train(model, batches: Iterator, steps: int, lr: float, recipe, loss_fn, on_
             if recipe.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             opt.step()
+            schedule.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             if on_step is not None:
@@ -139,6 +173,21 @@ def _check_sparse(model: nn.Module, caller: str) -> list[ResuParameter]:
             f"{sorted(m.name for m in modes)}"
         )
     return params
+
+
+def _commit(model, params, recipe: RecoveryRecipe, calib, loss_fn, pattern, sparsity: float) -> int:
+    """End a θ phase at ``sparsity``; returns how many θ slots became active."""
+    if recipe.reprune is None:
+        extra = {"loss_fn": loss_fn} if recipe.score_type == "gradient" else {}
+        stats = commit_(
+            model, recipe.commit_strategy, score_type=recipe.score_type, calib=calib, r_start=recipe.budget,
+            r_end=recipe.budget, **extra,
+        )
+        return stats.n_resurrected
+    was_pruned = [(~p.active_mask).clone() for p in params]
+    commit_(model, "simple")  # θ merged, every slot active
+    prune_(model, sparsity, method=recipe.reprune, calib=calib, pattern=pattern)
+    return sum(int((old & p.active_mask).sum()) for old, p in zip(was_pruned, params))
 
 
 def finetune_(
@@ -170,8 +219,11 @@ def recover_(
     loss_fn: LossFn = causal_lm_loss,
     on_step: Optional[StepCallback] = None,
     generator: Optional[torch.Generator] = None,
+    pattern: Optional[str] = None,
 ) -> RecoveryReport:
     """The RESU recipe: θ phase → commit at the same sparsity → sparse fine-tuning, ``steps`` steps in all.
+
+    With ``recipe.cycles > 1`` the budget is split into that many such rounds.
 
     Args:
         model: a pruned model (every ResuParameter in SPARSE mode).
@@ -182,6 +234,7 @@ def recover_(
         loss_fn: ``loss_fn(model, batch) -> loss``; by default the causal-LM loss of a Hugging Face model.
         on_step: called as ``on_step(phase, step, loss)`` after every optimizer step.
         generator: random generator for θ's initialisation (unused when ``recipe.epsilon == 0``).
+        pattern: the model's N:M pattern (e.g. ``"2:4"``), which a ``recipe.reprune`` commit keeps.
 
     Returns:
         A :class:`RecoveryReport`; the model ends in SPARSE mode at its starting sparsity.
@@ -192,25 +245,29 @@ def recover_(
     if recipe.score_type in ("wanda", "gradient") and calib is None:
         raise ValueError(f"recover_: score_type={recipe.score_type!r} needs calibration batches; pass calib=...")
     calib = list(calib) if calib is not None else None
-    batches = iter(batches)
-    theta_steps = int(round(steps * recipe.resu_fraction))
-    losses: list[float] = []
-    if recipe.quantized is not None:
-        enter_qresu_(model, epsilon=recipe.epsilon, generator=generator, **recipe.quantized)
-    else:
-        enter_resu_(model, epsilon=recipe.epsilon, generator=generator)
-    _train(model, batches, theta_steps, recipe.theta_lr, recipe, loss_fn, on_step, "theta", losses)
-    extra = {"loss_fn": loss_fn} if recipe.score_type == "gradient" else {}
-    stats = commit_(
-        model, recipe.commit_strategy, score_type=recipe.score_type, calib=calib, r_start=recipe.budget,
-        r_end=recipe.budget, **extra,
-    )
-    _train(model, batches, steps - theta_steps, recipe.lr, recipe, loss_fn, on_step, "finetune", losses)
+    if recipe.reprune is not None and PRUNE_METHODS.get(recipe.reprune, "recover_", "recipe.reprune").statistic and calib is None:
+        raise ValueError(f"recover_: reprune={recipe.reprune!r} needs calibration batches; pass calib=...")
     numel = sum(p.numel() for p in params)
+    sparsity = sum(p.n_pruned for p in params) / numel if numel else 0.0
+    batches = iter(batches)
+    losses: list[float] = []
+    theta_total = finetune_total = resurrected = 0
+    for cycle in range(recipe.cycles):
+        share = steps // recipe.cycles + (steps % recipe.cycles if cycle == recipe.cycles - 1 else 0)
+        theta_steps = int(round(share * recipe.resu_fraction))
+        if recipe.quantized is not None:
+            enter_qresu_(model, epsilon=recipe.epsilon, generator=generator, selective=recipe.selective, **recipe.quantized)
+        else:
+            enter_resu_(model, epsilon=recipe.epsilon, generator=generator, selective=recipe.selective)
+        _train(model, batches, theta_steps, recipe.theta_lr, recipe, loss_fn, on_step, "theta", losses)
+        resurrected += _commit(model, params, recipe, calib, loss_fn, pattern, sparsity)
+        _train(model, batches, share - theta_steps, recipe.lr, recipe, loss_fn, on_step, "finetune", losses)
+        theta_total += theta_steps
+        finetune_total += share - theta_steps
     return RecoveryReport(
         losses=losses,
-        theta_steps=theta_steps,
-        finetune_steps=steps - theta_steps,
-        n_resurrected=stats.n_resurrected,
+        theta_steps=theta_total,
+        finetune_steps=finetune_total,
+        n_resurrected=resurrected,
         sparsity=sum(p.n_pruned for p in params) / numel if numel else 0.0,
     )
