@@ -9,6 +9,11 @@ GPU, on a byte-level Llama-style LM first trained from scratch on the same text 
 
     PYTHONPATH=. python benchmarks/llm_recovery.py --model scratch --device cuda --out results
 
+Parallel processes (one per sparsity or seed, sharing one pre-trained model through ``--scratch-cache``)
+write one ``llm_recovery.json`` each; ``--merge`` makes one table and plot of them::
+
+    PYTHONPATH=. python benchmarks/llm_recovery.py --merge a/llm_recovery.json b/llm_recovery.json
+
 Rows, per sparsity (``0.5``, ``0.7`` or an N:M pattern such as ``2:4``):
 
 - ``dense``; ``magnitude``, ``wanda``, ``sparsegpt``: one-shot pruning (Hugging Face decoders are
@@ -419,10 +424,38 @@ def parse_args(argv=None):
     return args
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """One table and plot from several ``llm_recovery.json`` files (e.g. one per parallel process)."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    settings = results[0]["settings"]
+    runs = [run for r in results for run in r["runs"]]
+    seen, unique = set(), []
+    for run in runs:  # the untrained rows (dense, one-shot) come once per file; keep one of each
+        key = (run["row"], run["sparsity"], run["seed"])
+        if run["seed"] is None and key in seen:
+            continue
+        seen.add(key)
+        unique.append(run)
+    labels = list(dict.fromkeys(r["sparsity"] for r in unique if r["sparsity"] != "-"))
+    sparsities = [parse_sparsity(str(float(label[:-1]) / 100) if label.endswith("%") else label) for label in labels]
+    rows = list(dict.fromkeys(r["row"] for r in unique))
+    training = {r["row"] for r in unique if r["seed"] is not None}
+    plot(unique, sparsities, os.path.join(out, "llm_recovery.png"), [r for r in rows if r in training])
+    with open(os.path.join(out, "llm_recovery.json"), "w") as f:
+        json.dump({"settings": settings, "runs": unique}, f, indent=1)
+    print(table(unique, sparsities, rows, settings.get("unit", "token"), training, settings.get("start", "wanda")))
+    return {"settings": settings, "runs": unique}
+
+
 def main(argv=None) -> dict:
     """Run the comparison; returns ``{"settings": ..., "runs": [...]}`` (also written to ``--out``)."""
     from tqdm.auto import tqdm
 
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        return merge(sys.argv[2:], ".")
     args = parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -80,10 +80,10 @@ class RecoveryRecipe:
     weight_decay: float = 0.0
     grad_clip: Optional[float] = 1.0
     quantized: Optional[dict] = None
-    warmup: float = 0.0
+    warmup: float = 0.1
     cycles: int = 1
     selective: Optional[SelectionConfig] = None
-    reprune: Optional[str] = None
+    reprune: Optional[str] = "sparsegpt"
 
     def __post_init__(self) -> None:
         if isinstance(self.resu_fraction, bool) or not 0.0 <= float(self.resu_fraction) <= 1.0:
