@@ -44,13 +44,15 @@ def _weights(model):
     return {n: p for n, p in model.named_parameters() if isinstance(p, resu.ResuParameter)}
 
 
+@pytest.mark.parametrize("reprune", ["sparsegpt", None])
 @pytest.mark.parametrize("quantized", [None, {"bits": 4, "scheme": "per_group", "group_size": 16}])
-def test_recover_spends_exactly_the_step_budget_and_keeps_the_sparsity(quantized):
+def test_recover_spends_exactly_the_step_budget_and_keeps_the_sparsity(quantized, reprune):
     model = _pruned_llama()
     masks = {n: p.active_mask.clone() for n, p in _weights(model).items()}
     before = {n: p.n_pruned for n, p in _weights(model).items()}
     stream = _Counting(_batches(50, seed=1))
-    report = recover_(model, stream, 6, calib=_batches(2, seed=2), recipe=RecoveryRecipe(quantized=quantized, budget=0.5))
+    recipe = RecoveryRecipe(quantized=quantized, budget=0.5, reprune=reprune)
+    report = recover_(model, stream, 6, calib=_batches(2, seed=2), recipe=recipe)
     assert stream.taken == 6 and len(report.losses) == 6
     assert (report.theta_steps, report.finetune_steps) == (3, 3)
     for n, p in _weights(model).items():
@@ -90,6 +92,51 @@ def test_theta_starts_at_zero_and_the_frozen_weights_do_not_move_in_the_theta_ph
     assert seen == [1, 2]
 
 
+def test_cycles_split_the_budget_into_rounds_and_end_sparse():
+    model = _pruned_llama()
+    before = {n: p.n_pruned for n, p in _weights(model).items()}
+    phases = []
+    stream = _Counting(_batches(50, seed=5))
+    recipe = RecoveryRecipe(cycles=3, resu_fraction=0.5)
+    report = recover_(model, stream, 8, calib=_batches(2), recipe=recipe, on_step=lambda phase, step, loss: phases.append(phase))
+    # shares 2, 2, 4 steps: θ 1, 1, 2 then fine-tuning 1, 1, 2
+    assert phases == ["theta", "finetune", "theta", "finetune", "theta", "theta", "finetune", "finetune"]
+    assert (report.theta_steps, report.finetune_steps, stream.taken) == (4, 4, 8)
+    assert all(p.mode is resu.ResuMode.SPARSE and p.n_pruned == before[n] for n, p in _weights(model).items())
+
+
+@pytest.mark.parametrize("warmup, divisor", [(0.0, 1), (1.0, 4)])
+def test_warmup_scales_the_first_theta_step(warmup, divisor):
+    # θ starts at zero and Adam's first step moves every slot with a gradient by lr (m̂/√v̂ = ±1), so
+    # the largest |θ| after one step is the first step's learning rate: theta_lr / k with k warm-up steps.
+    model = _pruned_llama()
+    seen = []
+
+    def on_step(phase, step, loss):
+        if phase == "theta" and step == 1:
+            seen.append(max(float(p.theta.abs().max()) for p in _weights(model).values()))
+
+    recipe = RecoveryRecipe(theta_lr=1e-2, warmup=warmup, resu_fraction=0.5, reprune=None)
+    recover_(model, _batches(8, seed=6), 8, calib=_batches(2), recipe=recipe, on_step=on_step)
+    assert seen and seen[0] == pytest.approx(1e-2 / divisor, rel=1e-3)
+
+
+def test_selective_theta_trains_only_part_of_theta():
+    model = _pruned_llama()
+    moved, total = [], []
+
+    def on_step(phase, step, loss):
+        if phase == "theta" and step == 1:
+            for p in _weights(model).values():
+                moved.append(int((p.theta != 0).sum()))
+                total.append(p.theta.numel())
+
+    recipe = RecoveryRecipe(selective=resu.SelectionConfig(strategy="random", k_select_ratio=0.25), resu_fraction=0.5)
+    recover_(model, _batches(4, seed=7), 4, calib=_batches(2), recipe=recipe, on_step=on_step,
+             generator=torch.Generator().manual_seed(0))
+    assert 0 < sum(moved) <= 0.25 * sum(total) + len(total)
+
+
 def test_recover_refuses_bad_input_and_changes_nothing():
     model = _pruned_llama()
     with pytest.raises(ValueError, match="calib"):
@@ -104,3 +151,6 @@ def test_recover_refuses_bad_input_and_changes_nothing():
         recover_(dense, _batches(2), 2, calib=_batches(1))
     with pytest.raises(ValueError, match="resu_fraction"):
         RecoveryRecipe(resu_fraction=1.5)
+    for field, bad in (("warmup", 1.5), ("cycles", 0), ("reprune", "no_such_method"), ("selective", {"k": 1})):
+        with pytest.raises(ValueError, match=field):
+            RecoveryRecipe(**{field: bad})
