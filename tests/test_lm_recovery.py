@@ -92,6 +92,27 @@ def test_theta_starts_at_zero_and_the_frozen_weights_do_not_move_in_the_theta_ph
     assert seen == [1, 2]
 
 
+def test_a_reprune_commit_keeps_an_n_m_pattern_it_detects_from_the_masks():
+    from resu.recipes.lm_recovery import detect_pattern
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    resu.sparsify_(model, filter_fn=lambda name, m: "lm_head" not in name)
+    resu.prune_(model, 0.5, method="wanda", calib=_batches(2, seed=99), pattern="2:4")
+    params = list(_weights(model).values())
+    assert detect_pattern(params) == "2:4"
+    assert detect_pattern(list(_weights(_pruned_llama()).values())) is None  # unstructured 50%
+    report = recover_(model, _batches(4, seed=8), 4, calib=_batches(2), recipe=RecoveryRecipe(theta_lr=1e-2))
+    assert report.n_resurrected > 0  # the mask did change
+    for p in params:
+        pruned = (~p.active_mask).reshape(p.shape[0], -1, 4).sum(dim=-1)
+        assert torch.all(pruned == 2)
+
+
 def test_cycles_split_the_budget_into_rounds_and_end_sparse():
     model = _pruned_llama()
     before = {n: p.n_pruned for n, p in _weights(model).items()}

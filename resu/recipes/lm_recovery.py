@@ -10,15 +10,19 @@ of optimizer steps on the same stream of token batches, so they compare at equal
   active ones, then sparse fine-tuning for the remaining steps.
 
 The defaults of :class:`RecoveryRecipe` avoid what measured harmful on pretrained LMs
-(``benchmarks/llm_recipe_sweep.py``, ``benchmarks/llm_recovery.py``; BENCHMARKS.md). They do not make
-the recipe beat plain sparse fine-tuning at equal steps yet; see BENCHMARKS.md for the measurements.
+(``benchmarks/llm_recovery.py --variants``; BENCHMARKS.md). With them the recipe ends below plain
+sparse fine-tuning at equal steps on a scratch-trained LM at 50%, 70% and 2:4 (3 seeds, BENCHMARKS.md).
 
 - θ starts at zero (``epsilon=0``): ε·σ_A noise in every pruned slot of a pretrained model costs more
   than a short θ phase wins back;
-- the commit scores merged weights with Wanda (|W|·‖x‖); magnitude scores discard the pruner's
-  activation-aware choice and wreck an LM;
-- ``"amnesty_capped"``: r caps the resurrections instead of reserving them, so a short θ phase never
-  evicts an active weight that outscores the θ replacing it.
+- θ trains at lr 1e-3: at 3e-4 it learns too little to be worth its steps. A 10% linear warm-up
+  keeps Adam's first steps from moving millions of θ by the full learning rate at once (the θ phase
+  without it raised the training loss at first; the warm-up was not measured on its own);
+- the commit merges θ and re-prunes the merged weights with SparseGPT (``reprune="sparsegpt"``): its
+  update folds what the dropped slots learned into the kept ones. A strategy commit (``reprune=None``)
+  keeps only the θ that outscore an active weight and drops the rest of the θ phase's gain. For those
+  commits, Wanda scores (magnitude scores discard the pruner's activation-aware choice and wreck an
+  LM) and ``"amnesty_capped"`` (r caps resurrections rather than reserving them) measured best.
 """
 
 from __future__ import annotations
@@ -175,6 +179,22 @@ def _check_sparse(model: nn.Module, caller: str) -> list[ResuParameter]:
     return params
 
 
+def detect_pattern(params: list[ResuParameter]) -> Optional[str]:
+    """``"N:M"`` when every weight prunes exactly N of every M consecutive inputs (M = 4, then 8), else None."""
+    for m in (4, 8):
+        counts = set()
+        for p in params:
+            pruned = ~p.active_mask
+            if pruned.dim() != 2 or pruned.shape[1] % m:
+                return None
+            counts.update(pruned.reshape(pruned.shape[0], -1, m).sum(dim=-1).unique().tolist())
+            if len(counts) > 1:
+                break
+        if len(counts) == 1 and 0 < next(iter(counts)) < m:
+            return f"{next(iter(counts))}:{m}"
+    return None
+
+
 def _commit(model, params, recipe: RecoveryRecipe, calib, loss_fn, pattern, sparsity: float) -> int:
     """End a θ phase at ``sparsity``; returns how many θ slots became active."""
     if recipe.reprune is None:
@@ -234,7 +254,8 @@ def recover_(
         loss_fn: ``loss_fn(model, batch) -> loss``; by default the causal-LM loss of a Hugging Face model.
         on_step: called as ``on_step(phase, step, loss)`` after every optimizer step.
         generator: random generator for θ's initialisation (unused when ``recipe.epsilon == 0``).
-        pattern: the model's N:M pattern (e.g. ``"2:4"``), which a ``recipe.reprune`` commit keeps.
+        pattern: the model's N:M pattern (e.g. ``"2:4"``), which a ``recipe.reprune`` commit keeps; None
+            detects a 2:4-style pattern (N of every 4 or 8 consecutive inputs) from the masks.
 
     Returns:
         A :class:`RecoveryReport`; the model ends in SPARSE mode at its starting sparsity.
@@ -249,6 +270,8 @@ def recover_(
         raise ValueError(f"recover_: reprune={recipe.reprune!r} needs calibration batches; pass calib=...")
     numel = sum(p.numel() for p in params)
     sparsity = sum(p.n_pruned for p in params) / numel if numel else 0.0
+    if pattern is None and recipe.reprune is not None:
+        pattern = detect_pattern(params)
     batches = iter(batches)
     losses: list[float] = []
     theta_total = finetune_total = resurrected = 0
