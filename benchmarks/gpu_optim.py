@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if args.smoke:
-        args.shape, args.many_shape, args.count, args.iters = [96, 64], [32, 32], 50, 5
+        args.shape, args.many_shape, args.iters = [96, 64], [32, 32], min(args.iters, 5)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
     print(f"gpu_optim on {name}, torch {torch.__version__}, s = {args.sparsity}", flush=True)
     rows = []
