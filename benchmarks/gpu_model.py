@@ -254,8 +254,10 @@ def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
 
 
 def measure(cfg: ModelConfig, mode: str, device: str, compiled: bool, warmup: int, steps: int) -> dict:
-    """Build ``mode``, time its steps; returns a result row (or one with an ``error``)."""
-    torch._dynamo.reset()
+    """Build ``mode``, time its steps; returns a result row (or one with an ``error``).
+
+    Compiled code is kept across measurements (no ``torch._dynamo.reset()``): a rebuilt model of the
+    same mode hits the cache, so a second run costs no compilation."""
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -18,6 +18,10 @@ from resu.tensors import mask as mask_ops
 
 triton_adamw = pytest.importorskip("resu.compile.triton_adamw")
 
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
 
 
@@ -42,9 +46,10 @@ def _clone(case):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_grouped_kernel_equals_per_weight_kernels_bitwise(seed, maximize):
+def test_grouped_kernel_equals_per_weight_kernels_bitwise(device, seed, maximize):
     gen = torch.Generator().manual_seed(seed)
     cases = []
     for i in range(7):
@@ -56,6 +61,8 @@ def test_grouped_kernel_equals_per_weight_kernels_bitwise(seed, maximize):
             shape = (int(torch.randint(1, 40, (), generator=gen)), int(torch.randint(1, 90, (), generator=gen)))
             sparsity = [0.0, 0.3, 0.5, 0.9, 1.0][int(torch.randint(0, 5, (), generator=gen))]
             cases.append(("bitmap", step, _bitmap_case(gen, shape, sparsity, bool(i % 2), i % 4 == 2)))
+    cases = [(kind, step, {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()})
+             for kind, step, case in cases]
     hyper = {**HYPER, "maximize": maximize}
 
     singles = []
