@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from resu.compile import registry
 from resu.optim import consistency as C
 from resu.optim.selection_config import SelectionConfig
 
@@ -28,6 +29,30 @@ def test_kth_largest_key_equals_topk_threshold(kind, seed):
         keys[torch.rand(n, generator=gen) < 0.7] = -1
     for k in {1, n, int(torch.randint(1, n + 1, (), generator=gen))}:
         assert torch.equal(C.kth_largest_key(keys, k), C.kth_largest(keys, k)), k
+
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
+    pytest.param("cuda", marks=pytest.mark.cuda),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "extremes"])
+@pytest.mark.parametrize("seed", range(2))
+def test_radix_kernel_equals_topk_threshold(monkeypatch, device, kind, seed):
+    pytest.importorskip("resu.compile.triton_selective")
+    monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
+    gen = torch.Generator().manual_seed(seed + 50)
+    n = int(torch.randint(1, 12000, (), generator=gen))
+    keys = C.selection_keys_reference(_grad(kind, n, gen))
+    if seed % 2:
+        keys[torch.rand(n, generator=gen) < 0.7] = -1
+    keys = keys.to(device)
+    for k in {1, n, int(torch.randint(1, n + 1, (), generator=gen))}:
+        got = C.kth_largest_key(keys, k)
+        assert got.device.type == device and got.shape == ()
+        assert torch.equal(got, C.kth_largest(keys, k)), k
 
 
 def test_kth_largest_key_refuses_a_bad_k():

@@ -12,8 +12,9 @@ For one weight with p θ slots and compact gradient g (after ``maximize`` negati
 4. ``threshold = max(kth_largest(keys, k_select), 0)``: the slots with key ≥ threshold are the
    k_select eligible slots of largest |g|, or all eligible slots when fewer.
 
-``kth_largest`` is two ``torch.topk`` calls' worth of work; :func:`kth_largest_key` finds the same
-key by a radix select over the |g| bits (histograms, no sort), using how the keys are built.
+``kth_largest`` costs a ``torch.topk`` call (a sort on large inputs); :func:`kth_largest_key` finds the
+same key by a radix select (digit histograms, no sort; on CUDA six Triton passes, no host sync),
+using how the keys are built.
 
 All of it stays on the device (thresholds are 0-d tensors): no host sync per step. CUDA tensors take
 the Triton kernels of :mod:`resu.compile.triton_selective`; the references here define the semantics.
@@ -65,7 +66,9 @@ def _digit_at_rank(digits: torch.Tensor, weights: torch.Tensor, n_bins: int, k: 
 
 def kth_largest_key(keys: torch.Tensor, k: int) -> torch.Tensor:
     """:func:`kth_largest` of selection keys (``selection_keys``, some possibly overwritten with −1), by a
-    radix select on the |g| bits and a scan of the ties: no sort, no top-k buffers, no host sync.
+    radix select: no sort, no top-k buffers, no host sync. CUDA tensors take the Triton kernels of
+    :func:`resu.compile.triton_selective.kth_largest_key_triton`; the reference below digs 16 bits of
+    the high half at a time, then scans the ties.
 
     A key is ``bits(|g|) << 32 | (2³² − 1 − position)``: the k-th largest has the k-th largest high half
     v (found 16 bits at a time from histograms), and among the keys whose high half is v, it is the one
@@ -73,6 +76,15 @@ def kth_largest_key(keys: torch.Tensor, k: int) -> torch.Tensor:
     n = keys.numel()
     if not 1 <= k <= n:
         raise ValueError(f"kth_largest_key: `k` must be in [1, {n}], got {k}")
+    if registry.use_triton(keys):
+        from resu.compile.triton_selective import kth_largest_key_triton
+
+        return kth_largest_key_triton(keys, k)
+    return kth_largest_key_reference(keys, k)
+
+
+def kth_largest_key_reference(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference for :func:`kth_largest_key` (16-bit digits of the high half, then a scan of the ties)."""
     high = (keys >> 32) + 1  # in [0, 2^31]: the −1 keys become 0
     ones = torch.ones_like(high)
     rank = torch.full((), k, dtype=torch.int64, device=keys.device)
