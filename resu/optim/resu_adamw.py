@@ -253,15 +253,16 @@ class ResuAdamW(torch.optim.Optimizer):
             # the results are the same either way.
             jobs: Optional[list[StepJob]] = None if group["foreach"] is False or group["amsgrad"] else []
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("ResuAdamW does not support sparse gradients")
                 selective = self._selection_for(p, group)
                 if selective is not None:
                     self._step_selective(p, group["amsgrad"], selective, hyper)
-                elif jobs is not None and self._n_trainable(p) is not None:
-                    jobs.append(self._slot_job(p, amsgrad=False))
+                elif jobs is not None and (n := self._n_trainable(p)) is not None:
+                    jobs.append(self._slot_job(p, amsgrad=False, n=n, grad=grad))
                 else:
                     self._step_param(p, group["amsgrad"], hyper)
             if jobs:
@@ -302,7 +303,7 @@ class ResuAdamW(torch.optim.Optimizer):
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)
         if n is not None:
-            job = self._slot_job(p, amsgrad)
+            job = self._slot_job(p, amsgrad, n)
             max_sq = self.state[p].get("max_exp_avg_sq") if amsgrad else None
             adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, max_exp_avg_sq=max_sq, **hyper)
             return
@@ -316,14 +317,14 @@ class ResuAdamW(torch.optim.Optimizer):
             grad = grad.to_dense()
         adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
 
-    def _slot_job(self, p: ResuParameter, amsgrad: bool) -> StepJob:
+    def _slot_job(self, p: ResuParameter, amsgrad: bool, n: Optional[int] = None, grad=None) -> StepJob:
         """Advance the step of a weight with a subset of trainable slots and say what to step: a compact
         gradient is used as is; a dense one is gathered for a compact target (QRESU's θ) and read in
         place by masked slots of a dense weight."""
-        state = self._prepare_state(p, self._n_trainable(p), amsgrad)
+        state = self._prepare_state(p, self._n_trainable(p) if n is None else n, amsgrad)
         state["step"] += 1
         target = self._slots(p)
-        grad = p.grad
+        grad = p.grad if grad is None else grad
         if isinstance(grad, CompactGrad):
             grad = grad.values
         elif not isinstance(target, MaskedSlots):
