@@ -112,10 +112,11 @@ def test_grouped_kernel_refuses_a_short_state_and_writes_nothing():
     assert torch.equal(good["weight"], before[0]) and torch.equal(bad["weight"], before[1])
 
 
-def _mixed_model(seed):
+def _mixed_model(seed, device="cpu"):
     """RESU (bitmap mask), RESU (index mask, s = 0.98), QRESU θ, SPARSE, and plain parameters."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 32), nn.Linear(32, 16), nn.Linear(16, 8))
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 32), nn.Linear(32, 16),
+                          nn.Linear(16, 8)).to(device)
     resu.sparsify_(model)
     resu.prune_(model[0], 0.5)
     resu.prune_(model[1], 0.98)
@@ -127,23 +128,29 @@ def _mixed_model(seed):
     return model  # model[3] stays SPARSE, model[4] DENSE
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("force_kernels", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_resu_adamw_grouped_equals_one_at_a_time_bitwise(monkeypatch, force_kernels, seed):
-    models = [_mixed_model(seed) for _ in range(2)]
+def test_resu_adamw_grouped_equals_one_at_a_time_bitwise(monkeypatch, device, force_kernels, seed):
+    if device == "cuda" and not force_kernels:
+        pytest.skip("on CUDA the kernels always run")
+    if device == "cpu" and force_kernels and torch.cuda.is_available():
+        pytest.skip("Triton's interpreter runs the kernels on CPU tensors only on CPU-only machines")
+    models = [_mixed_model(seed, device) for _ in range(2)]
     assert models[0][1].weight._encoding is not models[0][0].weight._encoding  # both mask encodings present
     opts = [resu.ResuAdamW(models[0].parameters(), **{k: v for k, v in HYPER.items() if k not in ("beta1", "beta2")}),
             resu.ResuAdamW(models[1].parameters(), lr=HYPER["lr"], eps=HYPER["eps"],
                            weight_decay=HYPER["weight_decay"], foreach=False)]
     launched = []
     if force_kernels:
-        monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
+        if device == "cpu":
+            monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
         real = triton_adamw.grouped_adamw_triton_
         monkeypatch.setattr(triton_adamw, "grouped_adamw_triton_", lambda items, **h: (launched.append(len(items)),
                                                                                         real(items, **h)))
     gen = torch.Generator().manual_seed(seed + 10)
     for _ in range(3):
-        x = torch.randn(6, 24, generator=gen)
+        x = torch.randn(6, 24, generator=gen).to(device)
         for model, opt in zip(models, opts):
             model(x).pow(2).mean().backward()
             opt.step()
