@@ -10,8 +10,8 @@ Run from the repository root on a CUDA machine::
 
 The model is built from a config in plain PyTorch (RMSNorm, rotary attention through
 ``scaled_dot_product_attention``, SwiGLU MLP, untied embedding and head), fp32 master weights, bf16
-autocast, 8192 tokens a step (7B and 13B: 1 x 2048). Compiled runs compile each decoder block on its
-own (regional compile, ``block.compile()``); eager runs do not compile.
+autocast, 8192 tokens a step (7B and 13B: 1 x 2048). Each mode is built once per run and timed eager,
+then compiled: each decoder block compiled on its own, in place (regional compile, ``block.compile()``).
 
 Modes (``--modes``; ``dense`` is always measured first in the same process, except for 13B):
 
@@ -201,8 +201,7 @@ def build(cfg: ModelConfig, mode: str, device: str, compiled: bool):
         opts = [resu.ResuAdamW(sparse, lr=1e-4, weight_decay=0.01),
                 torch.optim.AdamW(rest, lr=1e-4, weight_decay=0.01, fused=True)]
     if compiled:
-        for block in model.blocks:
-            block.compile()
+        compile_blocks_(model)
     return model, opts
 
 
@@ -253,39 +252,62 @@ def time_steps(step, device: str, warmup: int, steps: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
-def measure(cfg: ModelConfig, mode: str, device: str, compiled: bool, warmup: int, steps: int) -> dict:
-    """Build ``mode``, time its steps; returns a result row (or one with an ``error``).
+def compile_blocks_(model: nn.Module) -> None:
+    """Regional compile: each decoder block compiled on its own, in place."""
+    for block in model.blocks:
+        block.compile()
+
+
+def _timed_row(step, cfg: ModelConfig, device: str, warmup: int, steps: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, device, 0, steps)
+    row = {"ms": statistics.median(times), "ms_all": times, "warmup_s": warmup_s}
+    if device == "cuda":
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        row["held_bytes"] = torch.cuda.memory_allocated()  # after zero_grad: weights, states, masks
+    row["tokens_per_s"] = cfg.batch * cfg.seq / (row["ms"] / 1e3)
+    return row
+
+
+def _error_row(exc: BaseException) -> dict:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+    traceback.print_exc()
+    return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
+def measure(cfg: ModelConfig, mode: str, device: str, settings: list, warmup: int, steps: int) -> dict:
+    """Build ``mode`` once and time its steps eager and/or compiled (eager first: compiling is in place).
+    Returns ``{compiled: row}``; a row has an ``error`` instead when that measurement failed.
 
     Compiled code is kept across measurements (no ``torch._dynamo.reset()``): a rebuilt model of the
     same mode hits the cache, so a second run costs no compilation."""
     if device == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    rows = {}
+    model = opts = step = None
     try:
         t0 = time.perf_counter()
-        model, opts = build(cfg, mode, device, compiled)
+        model, opts = build(cfg, mode, device, compiled=False)
         step = make_step(model, opts, cfg, device)
         build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        warmup_s = time.perf_counter() - t0
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = time_steps(step, device, 0, steps)
-        row = {"ms": statistics.median(times), "ms_all": times, "build_s": build_s, "warmup_s": warmup_s}
-        if device == "cuda":
-            row["peak_bytes"] = torch.cuda.max_memory_allocated()
-            row["held_bytes"] = torch.cuda.memory_allocated()  # after zero_grad: weights, states, masks
-        row["tokens_per_s"] = cfg.batch * cfg.seq / (row["ms"] / 1e3)
-        del model, opts, step
-        return row
-    except torch.OutOfMemoryError as exc:
-        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the other rows of a long run
-        traceback.print_exc()
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {compiled: _error_row(exc) for compiled in settings}
+    for compiled in sorted(settings):  # False (eager) before True
+        try:
+            if compiled:
+                compile_blocks_(model)
+            rows[compiled] = {**_timed_row(step, cfg, device, warmup, steps), "build_s": build_s}
+        except Exception as exc:  # noqa: BLE001
+            rows[compiled] = _error_row(exc)
+    del model, opts, step
+    return rows
 
 
 def profile_mode(cfg: ModelConfig, mode: str, device: str, compiled: bool, tag: str) -> None:
@@ -380,22 +402,25 @@ def main(argv=None) -> None:
     results: list[dict] = []
     out_path = f"gpu_model_{size}.json"
     for run in range(1, args.runs + 1):
-        for compiled in settings:
-            for mode in modes:
-                row = {"run": run, "mode": mode, "compiled": compiled}
-                if mode == "qlora" and not torchao_available():
-                    row["skipped"] = "qlora skipped: torchao is not importable (pip install torchao)"
-                    print(row["skipped"], flush=True)
-                else:
-                    row.update(measure(cfg, mode, device, compiled, args.warmup, args.steps))
-                    print(f"run {run} {mode} {'compiled' if compiled else 'eager'}: "
-                          + (row["error"] if "error" in row else
-                             f"{row['ms']:.2f} ms/step (build {row['build_s']:.1f}s, warm-up {row['warmup_s']:.1f}s)"),
-                          flush=True)
+        for mode in modes:
+            if mode == "qlora" and not torchao_available():
+                note = "qlora skipped: torchao is not importable (pip install torchao)"
+                print(note, flush=True)
+                measured = {compiled: {"skipped": note} for compiled in settings}
+            else:
+                measured = measure(cfg, mode, device, settings, args.warmup, args.steps)
+            for compiled in settings:
+                row = {"run": run, "mode": mode, "compiled": compiled, **measured[compiled]}
+                if "ms" in row:
+                    print(f"run {run} {mode} {'compiled' if compiled else 'eager'}: {row['ms']:.2f} ms/step "
+                          f"(build {row['build_s']:.1f}s, warm-up {row['warmup_s']:.1f}s)", flush=True)
+                elif "error" in row:
+                    print(f"run {run} {mode} {'compiled' if compiled else 'eager'}: {row['error']}", flush=True)
                 results.append(row)
-                with open(out_path, "w") as fh:
-                    json.dump({"size": size, "config": dataclasses.asdict(cfg), "device": name,
-                               "torch": torch.__version__, "results": results}, fh, indent=1)
+            with open(out_path, "w") as fh:
+                json.dump({"size": size, "config": dataclasses.asdict(cfg), "device": name,
+                           "torch": torch.__version__, "results": results}, fh, indent=1)
+    results.sort(key=lambda r: (r["run"], not r["compiled"]))  # the table: per run, compiled rows first
     print_table(results, has_dense)
     print(f"results: {out_path}. Targets (issue 12): step ≤ 1.00× dense in every mode; compiled ≤ eager (c/e ≤ 1); "
           "7B QRESU s=0.3 peak ≤ 0.35× dense.")
