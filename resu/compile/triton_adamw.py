@@ -26,8 +26,8 @@ from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks, tile_ranks_at
 from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
-    check_launch_grouped_adamw,
     check_launch_bitmap_key_adamw,
+    check_launch_grouped_adamw,
     check_launch_indexed_adamw,
     check_launch_theta_adamw,
 )
@@ -188,7 +188,8 @@ def bitmap_adamw_triton_(
 
 # ------------------------------------------------------------------ many weights, one launch
 # The grouped kernel's int64 table: one row per weight, pointers to its weight (or θ), gradient, exp_avg,
-# exp_avg_sq, mask bytes and block offsets, then its slot count and kind.
+# exp_avg_sq, mask bytes and block offsets (the weight's, unread for a compact vector), then its element
+# count and kind. A program reads its weight's row, then steps one block of it.
 _ROW = 8
 # Kinds: where a weight's slots live (low bits), and whether its gradient is weight-shaped (GRAD_DENSE).
 KIND_COMPACT, KIND_BITMAP_PRUNED, KIND_BITMAP_ACTIVE, GRAD_DENSE = 0, 1, 2, 4

@@ -182,12 +182,12 @@ def _grouped_item(job: StepJob) -> Optional[tuple]:
     tensors = (holder(target), grad, job.exp_avg, job.exp_avg_sq)
     if any(t.dtype != torch.float32 for t in tensors) or not registry.use_triton(*tensors):
         return None
-    if not isinstance(target, MaskedSlots):
-        return (0, target, grad, job.exp_avg, job.exp_avg_sq, job.step, None, target.numel())
-    if target.encoding is not mask_ops.MaskEncoding.BITMAP:
-        return None
     from resu.compile import triton_adamw as ta
 
+    if not isinstance(target, MaskedSlots):
+        return (ta.KIND_COMPACT, target, grad, job.exp_avg, job.exp_avg_sq, job.step, None, target.numel())
+    if target.encoding is not mask_ops.MaskEncoding.BITMAP:
+        return None  # index-encoded masks: the per-weight path
     numel = target.weight.numel()
     kind = ta.KIND_BITMAP_PRUNED if target.pruned else ta.KIND_BITMAP_ACTIVE
     if grad.numel() == numel:
@@ -308,5 +308,4 @@ def adamw_reference_(target, grad, exp_avg, exp_avg_sq, step, *, selection=ALL, 
 
 
 __all__ = ["ALL", "MaskedSlots", "Selection", "StepJob", "Target", "adamw_reference_", "adamw_step_", "adamw_steps_",
-           "key_at_least",
-           "positions_in_target", "subset", "where"]
+           "key_at_least", "positions_in_target", "subset", "where"]
