@@ -29,7 +29,7 @@ warm-up steps (which include compilation), and the median of the timed steps is 
 is the peak allocated memory over the timed steps, ``held`` what stays allocated between steps
 (weights, optimizer states, masks). Ratios are against dense in the same run and compile setting;
 ``--runs 2`` repeats everything and reports each run and the spread. Results go to
-``gpu_model_<size>.json`` in the current folder (rewritten after every measurement).
+``gpu_model_<size>.json`` in the current folder (or ``--out``), rewritten after every mode.
 """
 
 from __future__ import annotations
@@ -381,6 +381,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline (default for 13b)")
+    ap.add_argument("--out", help="results file (default gpu_model_<size>.json in the current folder)")
     ap.add_argument("--profile", metavar="MODE", help="also profile MODE (torch.profiler trace + kernel table)")
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else args.size
@@ -400,7 +401,7 @@ def main(argv=None) -> None:
     print(f"gpu_model {size}: {cfg}; {cfg.batch * cfg.seq} tokens/step, bf16 autocast, fp32 master weights; "
           f"device {name}; torch {torch.__version__}", flush=True)
     results: list[dict] = []
-    out_path = f"gpu_model_{size}.json"
+    out_path = args.out or f"gpu_model_{size}.json"
     for run in range(1, args.runs + 1):
         for mode in modes:
             if mode == "qlora" and not torchao_available():
