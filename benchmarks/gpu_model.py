@@ -186,7 +186,8 @@ def build(cfg: ModelConfig, mode: str, device: str, compiled: bool):
         for block in model.blocks:
             for name in BLOCK_LINEARS:
                 setattr(block, name, NF4LoRALinear(getattr(block, name)))
-        torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the dense fp32 block weights are gone
         opts = [torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   weight_decay=0.01, fused=True)]
     else:

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -50,6 +51,26 @@ def test_model_smoke_run_writes_rows_and_skips_qlora_without_torchao(benches, tm
     assert [(r["mode"], r["compiled"]) for r in rows] == [("dense", False), ("qresu-pg128:0.5", False), ("qlora", False)]
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in rows[:2])
     assert "torchao" in rows[2]["skipped"]
+
+
+def test_qlora_mode_freezes_the_base_and_trains_the_adapters(benches, monkeypatch):
+    """The QLoRA plumbing, with a stand-in for torchao's NF4 (a bf16 copy; torchao is optional here)."""
+    gpu_model, _ = benches
+    fake = types.ModuleType("torchao.dtypes.nf4tensor")
+    fake.to_nf4 = lambda w: w.clone()
+    fake.linear_nf4 = lambda x, w: torch.nn.functional.linear(x, w)
+    for name in ("torchao", "torchao.dtypes"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "torchao.dtypes.nf4tensor", fake)
+    cfg = gpu_model.SIZES["smoke"]
+    model, opts = gpu_model.build(cfg, "qlora", "cpu", compiled=False)
+    block = model.blocks[0]
+    assert isinstance(block.q, gpu_model.NF4LoRALinear) and not block.q.weight.requires_grad
+    base = block.q.weight.detach().clone()
+    lora_b = block.q.lora_b.detach().clone()
+    gpu_model.make_step(model, opts, cfg, "cpu")()
+    assert torch.equal(block.q.weight, base)  # the frozen base never moves
+    assert not torch.equal(block.q.lora_b.detach(), lora_b)  # the adapter trains
 
 
 def test_model_refuses_an_unknown_mode(benches):
