@@ -86,6 +86,29 @@ def check_launch_adamw_bitmap(
         _need(launcher, arg, t, numel=n_selected, floating=True, device=weight.device)
 
 
+def check_launch_grouped_adamw(items) -> None:
+    """Before ``triton_adamw.grouped_adamw_triton_``: per weight, fp32 contiguous tensors on one device,
+    states of ``n_selected`` entries, a gradient of ``n_selected`` (compact) or ``numel`` (``GRAD_DENSE``)
+    values, and for a bitmap kind the mask bytes of ``numel`` slots. The kernel reads raw fp32 pointers."""
+    launcher = "grouped_adamw"
+    device = items[0][1].device if items else None
+    for i, (kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected) in enumerate(items):
+        numel = holder.numel()
+        _need(launcher, f"items[{i}].holder", holder, dtype=torch.float32, device=device)
+        _need_count(launcher, f"items[{i}].n_selected", n_selected, numel)
+        where = kind & 3
+        if where == 0 and n_selected != numel:
+            raise _launch_error(launcher, f"items[{i}].n_selected", f"{numel} (a compact vector)", n_selected)
+        if where in (1, 2):
+            _need_bitmap(launcher, storage, numel, device)
+        elif where != 0:
+            raise _launch_error(launcher, f"items[{i}].kind", "a KIND_* code", kind)
+        _need(launcher, f"items[{i}].grad", grad, numel=numel if kind & 4 else n_selected, dtype=torch.float32,
+              device=device)
+        for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            _need(launcher, f"items[{i}].{arg}", t, numel=n_selected, dtype=torch.float32, device=device)
+
+
 def check_launch_dequant_merge(
     qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, theta: torch.Tensor, storage: torch.Tensor,
     encoding: Union[MaskEncoding, str], n_pruned: int, rows: int, cols: int, bits: int, group_cols: int,

@@ -6,6 +6,8 @@
 - :func:`bitmap_adamw_triton_`: the pruned (or active) slots of a dense weight under a bitmap mask,
   every one or those whose key is ≥ a threshold, found with :func:`resu.compile.triton_bitmap.tile_ranks`
   (no index tensor); states and keys compact, the gradient compact or weight-shaped.
+- :func:`grouped_adamw_triton_`: every slot of many fp32 weights in one launch, each a compact vector
+  or the bitmap-selected slots of a dense weight (the per-parameter kernels above, one program table).
 
 The math follows :func:`resu.compile.adamw_math.adamw_update_` (``torch.optim.AdamW``) operation by
 operation, in fp32. :mod:`resu.optim.adamw_step` chooses between these kernels and the reference
@@ -21,10 +23,11 @@ import triton.language as tl
 
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
-from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
+from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks, tile_ranks_at
 from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
+    check_launch_grouped_adamw,
     check_launch_indexed_adamw,
     check_launch_theta_adamw,
 )
@@ -180,4 +183,116 @@ def bitmap_adamw_triton_(
         weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, keys, threshold, storage, offsets, numel,
         decay, beta1, beta2, eps, step_size, bc2,
         select_pruned, grad.numel() != numel, by_key, maximize, BITMAP_BLOCK, num_warps=BITMAP_NUM_WARPS,
+    )
+
+
+# ------------------------------------------------------------------ many weights, one launch
+# The grouped kernel's int64 table: one row per weight, pointers to its weight (or θ), gradient, exp_avg,
+# exp_avg_sq, mask bytes and block offsets (the weight's, unread for a compact vector), then its element
+# count and kind. A program reads its weight's row, then steps one block of it.
+_ROW = 8
+# Kinds: where a weight's slots live (low bits), and whether its gradient is weight-shaped (GRAD_DENSE).
+KIND_COMPACT, KIND_BITMAP_PRUNED, KIND_BITMAP_ACTIVE, GRAD_DENSE = 0, 1, 2, 4
+
+
+@triton.jit
+def _grouped_kernel(
+    table_ptr, scalars_ptr, prog_item_ptr, prog_block_ptr,
+    decay, beta1, beta2, eps, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, ROW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    item = tl.load(prog_item_ptr + pid)
+    blk = tl.load(prog_block_ptr + pid)
+    row = table_ptr + item.to(tl.int64) * ROW
+    w_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + 6)
+    kind = tl.load(row + 7)
+    step_size = tl.load(scalars_ptr + item * 2)
+    bias_correction2_sqrt = tl.load(scalars_ptr + item * 2 + 1)
+    where = kind & 3
+    if where == 0:  # a compact vector: slot i is element i; laid out as tile_ranks' tile
+        byte_row = tl.arange(0, BLOCK // 8)
+        bit = tl.arange(0, 8)
+        offs = blk * BLOCK + byte_row[:, None] * 8 + bit[None, :]
+        sel = offs < numel
+        rank = offs
+    else:
+        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
+        if where == 1:
+            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, True, BLOCK)
+        else:
+            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, False, BLOCK)
+    if (kind & 4) != 0:
+        g_offs = offs
+    else:
+        g_offs = rank
+    _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+
+
+# (device, (n_blocks of each weight)) -> (program -> weight, program -> block of that weight), on the device.
+_PROGRAM_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _program_table(device: torch.device, blocks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which weight and which of its blocks each program steps; built once per set of weight sizes."""
+    key = (device, blocks)
+    hit = _PROGRAM_TABLES.get(key)
+    if hit is None:
+        counts = torch.tensor(blocks, dtype=torch.int64)
+        item = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        block = (torch.arange(int(counts.sum()), dtype=torch.int64) - starts.repeat_interleave(counts)).to(torch.int32)
+        hit = _PROGRAM_TABLES[key] = (item.to(device), block.to(device))
+        if len(_PROGRAM_TABLES) > 64:  # a bounded cache: models change their weight sets rarely
+            _PROGRAM_TABLES.pop(next(iter(_PROGRAM_TABLES)))
+    return hit
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the device queue (pinned, non-blocking)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def grouped_adamw_triton_(items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+    """One AdamW step on every trainable slot of several fp32 weights in one launch.
+
+    ``items``: (kind, holder, grad, exp_avg, exp_avg_sq, step, storage, n_selected) per weight; ``kind``
+    is ``KIND_COMPACT`` (``holder`` is a compact vector, ``storage`` None) or ``KIND_BITMAP_PRUNED`` /
+    ``KIND_BITMAP_ACTIVE`` (the slots of the dense ``holder`` that the bitmap ``storage`` selects), plus
+    ``GRAD_DENSE`` when ``grad`` is weight-shaped. Each weight keeps its own ``step`` (bias correction);
+    the math and the scalars are those of the per-parameter kernels, so the results are bitwise theirs.
+    """
+    check_launch_grouped_adamw(items)
+    decay = 1 - lr * weight_decay
+    table, scalars, blocks = [], [], []
+    for kind, holder, grad, exp_avg, exp_avg_sq, step, storage, _n in items:
+        numel = holder.numel()
+        if numel == 0 or exp_avg.numel() == 0:
+            continue
+        _, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
+        if kind & 3 == KIND_COMPACT:
+            bits = offsets = holder.data_ptr()  # unread
+            n_blocks = triton.cdiv(numel, BLOCK)
+        else:
+            off = cached_block_offsets(storage, numel, kind & 3 == KIND_BITMAP_PRUNED)
+            bits, offsets, n_blocks = storage.data_ptr(), off.data_ptr(), off.numel()
+        table += [holder.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), bits, offsets,
+                  numel, kind]
+        scalars += [step_size, bc2]
+        blocks.append(n_blocks)
+    if not blocks:
+        return
+    device = items[0][1].device
+    prog_item, prog_block = _program_table(device, tuple(blocks))
+    _grouped_kernel[(prog_item.numel(),)](
+        _to_device(table, torch.int64, device), _to_device(scalars, torch.float32, device), prog_item, prog_block,
+        decay, beta1, beta2, eps, maximize, BITMAP_BLOCK, _ROW, num_warps=BITMAP_NUM_WARPS,
     )

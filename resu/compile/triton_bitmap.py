@@ -86,7 +86,13 @@ def tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK:
     One mask byte per tile row, so the 8 slots of a row sit in one thread: their in-row ranks and the
     row counts are register adds, and the only cross-thread scan is over ``BLOCK / 8`` row counts.
     """
-    pid = tl.program_id(0)
+    return tile_ranks_at(bits_ptr, offsets_ptr, numel, tl.program_id(0), SELECT_PRUNED, BLOCK)
+
+
+@triton.jit
+def tile_ranks_at(bits_ptr, offsets_ptr, numel, pid, SELECT_PRUNED: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`tile_ranks` of block ``pid`` of the mask (a multi-tensor kernel's program handles a block
+    of one of several weights, so the block index is not its program id)."""
     byte_row = tl.arange(0, BLOCK // 8)
     bit = tl.arange(0, 8)
     offs = pid * BLOCK + byte_row[:, None] * 8 + bit[None, :]

@@ -14,7 +14,8 @@ selection, whose states have k entries (state i belongs to slot ``index[i]``).
 :func:`adamw_step_` decides once whether a Triton kernel of :mod:`resu.compile.triton_adamw` or
 the reference runs. The reference gathers the updated slots, applies
 :func:`resu.compile.adamw_math.adamw_update_` (the math of ``torch.optim.AdamW``) and scatters back;
-every Triton kernel is tested against it.
+every Triton kernel is tested against it. :func:`adamw_steps_` steps every slot of many targets at
+once (one multi-tensor launch on CUDA), with the per-target results.
 """
 
 from __future__ import annotations
@@ -141,6 +142,60 @@ def adamw_step_(
         kernel(target, grad, exp_avg, exp_avg_sq, step, selection, hyper)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepJob:
+    """One weight's share of a grouped step: every slot of ``target`` (as :func:`adamw_step_` with
+    ``selection=ALL``), at its own ``step``."""
+
+    target: Target
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: int
+
+
+@torch.no_grad()
+def adamw_steps_(jobs: list[StepJob], **hyper) -> None:
+    """:func:`adamw_step_` on every slot of each job's target, with the same results, bitwise.
+
+    The jobs the multi-tensor kernel (:func:`resu.compile.triton_adamw.grouped_adamw_triton_`) can take
+    (fp32 CUDA tensors; compact targets, or bitmap-masked slots) are stepped in one launch, the others
+    one by one. Every job is checked before anything is written."""
+    for job in jobs:
+        _check(job.target, job.grad, job.exp_avg, job.exp_avg_sq, ALL)
+    grouped = []
+    for job in jobs:
+        item = _grouped_item(job)
+        if item is None:
+            adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, **hyper)
+        else:
+            grouped.append(item)
+    if grouped:
+        from resu.compile.triton_adamw import grouped_adamw_triton_
+
+        grouped_adamw_triton_(grouped, **hyper)
+
+
+def _grouped_item(job: StepJob) -> Optional[tuple]:
+    """The grouped kernel's description of ``job``, or None when it must be stepped on its own."""
+    target, grad = job.target, job.grad.reshape(-1)
+    tensors = (holder(target), grad, job.exp_avg, job.exp_avg_sq)
+    if any(t.dtype != torch.float32 for t in tensors) or not registry.use_triton(*tensors):
+        return None
+    from resu.compile import triton_adamw as ta
+
+    if not isinstance(target, MaskedSlots):
+        return (ta.KIND_COMPACT, target, grad, job.exp_avg, job.exp_avg_sq, job.step, None, target.numel())
+    if target.encoding is not mask_ops.MaskEncoding.BITMAP:
+        return None  # index-encoded masks: the per-weight path
+    numel = target.weight.numel()
+    kind = ta.KIND_BITMAP_PRUNED if target.pruned else ta.KIND_BITMAP_ACTIVE
+    if grad.numel() == numel:
+        kind |= ta.GRAD_DENSE
+    n_selected = target.n_pruned if target.pruned else numel - target.n_pruned
+    return (kind, target.weight, grad, job.exp_avg, job.exp_avg_sq, job.step, target.storage, n_selected)
+
+
 def _check(target, grad, exp_avg, exp_avg_sq, selection: Selection) -> None:
     """ValueErrors naming the argument, before anything is written."""
     if isinstance(target, MaskedSlots):
@@ -252,5 +307,5 @@ def adamw_reference_(target, grad, exp_avg, exp_avg_sq, step, *, selection=ALL, 
         exp_avg_sq.index_copy_(0, chosen, v)
 
 
-__all__ = ["ALL", "MaskedSlots", "Selection", "Target", "adamw_reference_", "adamw_step_", "key_at_least",
-           "positions_in_target", "subset", "where"]
+__all__ = ["ALL", "MaskedSlots", "Selection", "StepJob", "Target", "adamw_reference_", "adamw_step_", "adamw_steps_",
+           "key_at_least", "positions_in_target", "subset", "where"]

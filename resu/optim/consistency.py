@@ -12,6 +12,10 @@ For one weight with p θ slots and compact gradient g (after ``maximize`` negati
 4. ``threshold = max(kth_largest(keys, k_select), 0)``: the slots with key ≥ threshold are the
    k_select eligible slots of largest |g|, or all eligible slots when fewer.
 
+``kth_largest`` costs a ``torch.topk`` call (a sort on large inputs); :func:`kth_largest_key` finds the
+same key by a radix select (digit histograms, no sort; on CUDA six Triton passes, no host sync),
+using how the keys are built.
+
 All of it stays on the device (thresholds are 0-d tensors): no host sync per step. CUDA tensors take
 the Triton kernels of :mod:`resu.compile.triton_selective`; the references here define the semantics.
 """
@@ -48,6 +52,47 @@ def kth_largest(keys: torch.Tensor, k: int) -> torch.Tensor:
     if k == keys.numel():
         return keys.min()
     return torch.topk(keys, k, sorted=False).values.min()
+
+
+def _digit_at_rank(digits: torch.Tensor, weights: torch.Tensor, n_bins: int, k: torch.Tensor):
+    """(d, k'): the digit d of the k-th largest entry (counting ``weights``) and its rank k' among those
+    with digit d. Device tensors only: no host sync."""
+    hist = torch.zeros(n_bins + 1, dtype=torch.int64, device=digits.device)
+    hist.scatter_add_(0, digits, weights)
+    at_least = hist.flip(0).cumsum(0).flip(0)  # at_least[d] = #entries with digit >= d; at_least[n_bins] = 0
+    d = (at_least[:n_bins] >= k).sum() - 1
+    return d, k - at_least.index_select(0, (d + 1).view(1)).squeeze(0)
+
+
+def kth_largest_key(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`kth_largest` of selection keys (``selection_keys``, some possibly overwritten with −1), by a
+    radix select: no sort, no top-k buffers, no host sync. CUDA tensors take the Triton kernels of
+    :func:`resu.compile.triton_selective.kth_largest_key_triton`; the reference below digs 16 bits of
+    the high half at a time, then scans the ties.
+
+    A key is ``bits(|g|) << 32 | (2³² − 1 − position)``: the k-th largest has the k-th largest high half
+    v (found 16 bits at a time from histograms), and among the keys whose high half is v, it is the one
+    at the r-th smallest position. Keys of −1 all rank below every other key and equal each other."""
+    n = keys.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"kth_largest_key: `k` must be in [1, {n}], got {k}")
+    if registry.use_triton(keys):
+        from resu.compile.triton_selective import kth_largest_key_triton
+
+        return kth_largest_key_triton(keys, k)
+    return kth_largest_key_reference(keys, k)
+
+
+def kth_largest_key_reference(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference for :func:`kth_largest_key` (16-bit digits of the high half, then a scan of the ties)."""
+    high = (keys >> 32) + 1  # in [0, 2^31]: the −1 keys become 0
+    ones = torch.ones_like(high)
+    rank = torch.full((), k, dtype=torch.int64, device=keys.device)
+    top, rank = _digit_at_rank(high >> 16, ones, 1 << 15 | 1, rank)
+    low, rank = _digit_at_rank(high & 0xFFFF, ((high >> 16) == top).to(torch.int64), 1 << 16, rank)
+    ties = high == ((top << 16) | low)
+    position = (ties.cumsum(0) < rank).sum()  # where the rank-th tie sits
+    return keys.index_select(0, position.view(1)).squeeze(0)
 
 
 @torch.no_grad()
@@ -92,6 +137,12 @@ def consistency_pass_(
     )
 
 
+# The exact k-th-largest select the thresholds use, per device type (default: kth_largest, two top-k
+# calls). kth_largest_key gives the same thresholds bitwise without sorting; benchmarks/gpu_optim.py
+# measures both on the GPU, and the faster becomes the CUDA default.
+select_impl: dict = {}
+
+
 @torch.no_grad()
 def consistency_selection(grad, ema_m, ema_v, config, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1–4 above for one weight: returns ``(keys, threshold, sum_c, n_selected)``; the slots to
@@ -99,9 +150,10 @@ def consistency_selection(grad, ema_m, ema_v, config, maximize: bool) -> tuple[t
     n = grad.numel()
     k_screen, k_select = config.screen_count(n), config.select_count(n)
     keys = selection_keys(grad)
-    screen = kth_largest(keys, k_screen)
+    kth = select_impl.get(keys.device.type, kth_largest)
+    screen = kth(keys, k_screen)
     sum_c, n_eligible = consistency_pass_(
         grad, ema_m, ema_v, keys, screen, beta=config.beta, delta=config.delta, tau=config.tau_stable, maximize=maximize
     )
-    threshold = kth_largest(keys, k_select).clamp_min(0)
+    threshold = kth(keys, k_select).clamp_min(0)
     return keys, threshold, sum_c, n_eligible.clamp(max=k_select)

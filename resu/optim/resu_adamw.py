@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from resu.compile.adamw_math import adamw_update_
-from resu.optim.adamw_step import MaskedSlots, Target, adamw_step_
+from resu.optim.adamw_step import MaskedSlots, StepJob, Target, adamw_step_, adamw_steps_
 from resu.optim.selection_config import SelectionConfig
 from resu.optim.selective import (
     INTEGER_KEYS,
@@ -40,8 +40,10 @@ class ResuAdamW(torch.optim.Optimizer):
     enter or exit RESU) its states restart from zero for the new set of slots, reusing the same
     storage (no new allocation when the new set is not larger, e.g. SPARSE → RESU at sparsity ≤ 0.5).
 
-    ``foreach`` and ``fused`` are accepted for signature compatibility and currently ignored;
-    ``capturable`` and ``differentiable`` are not supported.
+    ``foreach``: by default (None or True) the weights of a param group whose every trainable slot
+    steps are stepped together, in one multi-tensor launch on CUDA; ``foreach=False`` steps them one
+    at a time (the same numbers, bitwise). ``fused`` is accepted for signature compatibility and
+    ignored; ``capturable`` and ``differentiable`` are not supported.
 
     ``selective`` (a :class:`~resu.optim.selection_config.SelectionConfig`, default None) turns on RESU-Selective
     for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
@@ -246,16 +248,25 @@ class ResuAdamW(torch.optim.Optimizer):
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
             )
+            # Weights whose every trainable slot steps (RESU/QRESU θ, SPARSE active slots) are collected
+            # and stepped together (one launch on CUDA) unless ``foreach=False`` asks for one at a time;
+            # the results are the same either way.
+            jobs: Optional[list[StepJob]] = None if group["foreach"] is False or group["amsgrad"] else []
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("ResuAdamW does not support sparse gradients")
                 selective = self._selection_for(p, group)
                 if selective is not None:
                     self._step_selective(p, group["amsgrad"], selective, hyper)
+                elif jobs is not None and (n := self._n_trainable(p)) is not None:
+                    jobs.append(self._slot_job(p, amsgrad=False, n=n, grad=grad))
                 else:
                     self._step_param(p, group["amsgrad"], hyper)
+            if jobs:
+                adamw_steps_(jobs, **hyper)
         return loss
 
     @staticmethod
@@ -291,25 +302,34 @@ class ResuAdamW(torch.optim.Optimizer):
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)
+        if n is not None:
+            job = self._slot_job(p, amsgrad, n)
+            max_sq = self.state[p].get("max_exp_avg_sq") if amsgrad else None
+            adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, max_exp_avg_sq=max_sq, **hyper)
+            return
         state = self._prepare_state(p, n, amsgrad)
         state["step"] += 1
         step = int(state["step"].item())
         max_sq = state.get("max_exp_avg_sq") if amsgrad else None
+        target = p._weight if isinstance(p, ResuParameter) else p
         grad = p.grad
-        if n is None:
-            target = p._weight if isinstance(p, ResuParameter) else p
-            if isinstance(grad, CompactGrad):
-                grad = grad.to_dense()
-            adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
-            return
-        # The trainable slots: a compact gradient is used as is; a dense one is gathered for a compact
-        # target (QRESU's θ) and read in place by masked slots of a dense weight.
+        if isinstance(grad, CompactGrad):
+            grad = grad.to_dense()
+        adamw_update_(target, grad, state["exp_avg"], state["exp_avg_sq"], max_sq, step, **hyper)
+
+    def _slot_job(self, p: ResuParameter, amsgrad: bool, n: Optional[int] = None, grad=None) -> StepJob:
+        """Advance the step of a weight with a subset of trainable slots and say what to step: a compact
+        gradient is used as is; a dense one is gathered for a compact target (QRESU's θ) and read in
+        place by masked slots of a dense weight."""
+        state = self._prepare_state(p, self._n_trainable(p) if n is None else n, amsgrad)
+        state["step"] += 1
         target = self._slots(p)
+        grad = p.grad if grad is None else grad
         if isinstance(grad, CompactGrad):
             grad = grad.values
         elif not isinstance(target, MaskedSlots):
             grad = p._gather_pruned(grad)
-        adamw_step_(target, grad, state["exp_avg"], state["exp_avg_sq"], step, max_exp_avg_sq=max_sq, **hyper)
+        return StepJob(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()))
 
 
 def _check_selective(selective: Any, amsgrad: bool) -> None:
