@@ -223,3 +223,21 @@ def test_nf4_hugging_face_model_round_trips_through_save_pretrained(tmp_path):
             assert torch.equal(p._qscale, q._qscale) and torch.equal(p._qzero, q._qzero), n
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, ref)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(4, "nf4", 16, True), QuantFormat(4, "nf4", 7), QuantFormat(4, "per_group", 16),
+                                 QuantFormat(8, "per_channel"), QuantFormat(4, "per_tensor")], ids=str)
+def test_quantizing_in_row_chunks_gives_the_whole_weight_result(monkeypatch, fmt):
+    """quantize_active works through rows in chunks (bounded scratch memory); the result must not depend on it."""
+    import resu.tensors.quantized as quantized
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(45, 33, generator=g) * torch.rand(45, 1, generator=g)
+    pruned = torch.rand(45, 33, generator=g) < 0.3
+    scale, zero = block_params(w, fmt, ignore=pruned)
+    whole = quantize_codes(w, scale, zero, fmt).reshape(-1).masked_fill(pruned.reshape(-1), 0)
+    monkeypatch.setattr(quantized, "CHUNK_SLOTS", 100)  # 45 rows of 33: chunks of 2 rows, then a short one
+    assert len(quantized._row_chunks(45, 33, fmt)) == (1 if fmt.scheme == "per_tensor" else 23)
+    qdata, s2, z2 = quantize_active(w, pruned, fmt)
+    assert torch.equal(s2, scale) and torch.equal(z2, zero)
+    assert torch.equal(unpack(qdata, fmt.bits, w.numel()), whole)

@@ -155,3 +155,21 @@ def test_a_model_with_resu_parameters_is_refused(checkpoint):
     model = resu.sparsify_(transformers.AutoModelForCausalLM.from_pretrained(folder))
     with pytest.raises(ValueError, match="already has ResuParameters"):
         resu.load_quantized_(model, folder, 0.5)
+
+
+def test_a_corrupt_or_truncated_file_is_refused_before_anything_changes(tmp_path):
+    torch.manual_seed(2)
+    transformers.AutoModelForCausalLM.from_config(_config(False)).save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    bad = {
+        "truncated.safetensors": raw[: len(raw) - 100],
+        "header.safetensors": raw[:8] + b"{" * n + raw[8 + n:],
+        "length.safetensors": (len(raw) * 2).to_bytes(8, "little") + raw[8:],
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        model = _empty(False)
+        with pytest.raises(ValueError, match="safetensors|does not match"):
+            resu.load_quantized_(model, tmp_path / name, 0.5)
+        assert _still_empty(model), name

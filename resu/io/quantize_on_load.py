@@ -1,8 +1,8 @@
 """``load_quantized_``: fill a model built on the meta device from a checkpoint, straight into QRESU.
 
 :func:`resu.enter_qresu_` needs the whole dense model in memory first. Here the dense weights are read
-one tensor at a time (safetensors files are memory-mapped, so a tensor is read only when asked for)
-and every selected ``nn.Linear`` weight is pruned and quantized as soon as it arrives; its dense copy
+one tensor at a time (safetensors files are read a tensor at a time, never mapped whole) and every
+selected ``nn.Linear`` weight is pruned and quantized as soon as it arrives; its dense copy
 is dropped before the next one is read. Peak memory is the final QRESU model plus about one dense
 weight (and the quantizer's temporaries for it, which work in row chunks).
 
@@ -48,32 +48,95 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 # ---------------------------------------------------------------------------------------------- sources
+#: safetensors dtype names → torch dtypes (the format's own table).
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _File:
+    """One safetensors file, read a tensor at a time with plain reads.
+
+    Not memory-mapped on purpose: pages of a mapping that were touched stay in the process's resident
+    set until it is closed, so a mapped checkpoint read front to back ends up counted whole. Here each
+    tensor is read into its own buffer, which is freed with the tensor. The header is checked (dtype,
+    shape against byte length, offsets inside the file) before any tensor is read.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"load_quantized_: {path} is not a readable safetensors file ({err})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"load_quantized_: {path} is not a safetensors file (its header is not a JSON object)")
+        header.pop("__metadata__", None)
+        self.base, self.entries = 8 + n, {}
+        for key, info in header.items():
+            self.entries[key] = self._entry(key, info, size - self.base)
+
+    def _entry(self, key, info, data_size):
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"load_quantized_: {self.path}: tensor `{key}` has an unreadable header entry "
+                             f"{info!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+            raise ValueError(f"load_quantized_: {self.path}: tensor `{key}` ({info['dtype']}, shape {list(shape)}) "
+                             f"does not match its byte range {begin}..{end} in a {data_size}-byte data section")
+        return dtype, shape, begin, end
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[key]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.base + begin)
+            done = 0
+            while done < len(view):  # a raw read may return less than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"load_quantized_: {self.path} ends inside tensor `{key}`")
+                done += got
+        return buf.view(dtype).reshape(shape)
+
+
 class _Files:
-    """Random access to the tensors of one or more safetensors files, read one tensor at a time."""
+    """Random access to the tensors of one or more safetensors files (every key in exactly one file)."""
 
     def __init__(self, paths: list[str]):
-        from safetensors import safe_open
-
-        self.handles, self.where = [], {}
+        self.where: dict[str, _File] = {}
         for path in paths:
-            try:
-                handle = safe_open(path, framework="pt", device="cpu")
-            except Exception as err:  # safetensors' own error type derives from Exception only
-                raise ValueError(f"load_quantized_: {path} is not a readable safetensors file ({err})") from None
-            self.handles.append(handle)
-            for key in handle.keys():
+            file = _File(path)
+            for key in file.entries:
                 if key in self.where:
-                    raise ValueError(f"load_quantized_: key `{key}` is in both {self.where[key][1]} and {path}")
-                self.where[key] = (handle, path)
+                    raise ValueError(f"load_quantized_: key `{key}` is in both {self.where[key].path} and {path}")
+                self.where[key] = file
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.where[key][0].get_slice(key).get_shape())
+        return self.where[key].shape(key)
 
     def get(self, key: str) -> torch.Tensor:
-        return self.where[key][0].get_tensor(key)
+        return self.where[key].get(key)
 
 
 def _shard_paths(source: Union[PathLike, list, tuple]) -> list[str]:

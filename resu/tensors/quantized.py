@@ -345,14 +345,47 @@ def unpack(qdata: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return both[:numel]
 
 
+#: Slots quantized at once by :func:`quantize_active`: its temporaries (indices, per-slot scales) are a
+#: few times a chunk's size, so a large weight costs about 20 MiB of scratch instead of 5x its own size.
+CHUNK_SLOTS = 1 << 20
+
+
+def _row_chunks(rows: int, cols: int, fmt: QuantFormat) -> list[slice]:
+    """Row ranges that quantize independently: blocks never span rows (one per tensor does: one chunk)."""
+    if fmt.spec.grouping == "tensor" or rows * cols <= CHUNK_SLOTS:
+        return [slice(0, rows)]
+    step = max(2, CHUNK_SLOTS // max(cols, 1) // 2 * 2)  # an even row count: every chunk packs whole bytes
+    return [slice(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
 def quantize_active(
     w: torch.Tensor, pruned: torch.Tensor, fmt: QuantFormat
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(qdata, scale, zero)`` for the active slots of ``w`` (``pruned``: bool, True = pruned, stored as code 0)."""
-    scale, zero = block_params(w, fmt, ignore=pruned)
-    codes = quantize_codes(w, scale, zero, fmt).reshape(-1)
-    codes = codes.masked_fill(pruned.reshape(-1), 0)
-    return pack(codes, fmt.bits), scale.contiguous(), zero.contiguous()
+    """``(qdata, scale, zero)`` for the active slots of ``w`` (``pruned``: bool, True = pruned, stored as code 0).
+
+    Works through the rows in chunks of about :data:`CHUNK_SLOTS` slots; the result is the same as
+    :func:`block_params`, :func:`quantize_codes` and :func:`pack` over the whole weight.
+    """
+    w2 = _as_2d(w.detach())
+    rows, cols = w2.shape
+    p2 = pruned.reshape(rows, cols)
+    chunks = _row_chunks(rows, cols, fmt)
+    plain = dataclasses.replace(fmt, double_quant=False)
+    params = [block_params(w2[c], plain, ignore=p2[c]) for c in chunks]
+    scale = torch.cat([s.reshape(-1) for s, _ in params]).reshape(fmt.scale_shape(rows, cols))
+    zero = torch.cat([z.reshape(-1) for _, z in params]).reshape(plain.zero_shape(rows, cols))
+    del params
+    slot_scale = scale  # what the codes are computed against: the scales as they will read back
+    if fmt.double_quant:
+        scale, zero = _double_quantize(scale, scale.shape)
+        slot_scale = block_scales(scale, zero, True).reshape(scale.shape)
+    qdata = torch.cat([
+        pack(quantize_codes(w2[c], slot_scale[c] if slot_scale.dim() else slot_scale,
+                            zero[c] if plain.spec.decode == "affine" and zero.dim() else zero, plain)
+             .masked_fill_(p2[c], 0), fmt.bits)
+        for c in chunks
+    ])
+    return qdata, scale.contiguous(), zero.contiguous()
 
 
 class QuantizedState(NamedTuple):
