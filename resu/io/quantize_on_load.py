@@ -209,6 +209,20 @@ def _slots(model: nn.Module, filter_fn) -> list[_Slot]:
     return slots
 
 
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- conversion
 class _Converter:
     """Turns one dense tensor from the checkpoint into what the model will hold (a QRESU weight or a copy)."""
@@ -216,6 +230,7 @@ class _Converter:
     def __init__(self, entry, spec, fmt, epsilon, generator, selective, device):
         self.entry, self.spec, self.fmt = entry, spec, fmt
         self.epsilon, self.generator, self.selective, self.device = epsilon, generator, selective, device
+        self.trim = _malloc_trim()
 
     def target_device(self, slot: _Slot) -> torch.device:
         if self.device is not None:
@@ -249,6 +264,11 @@ class _Converter:
         theta = initial_theta(p, self.epsilon, self.generator).to(p.dtype)
         p._enter_qresu_(QuantizedState(qdata, scale, zero, theta, self.fmt))
         p._selective = self.selective
+        if p.device.type == "cpu" and self.trim is not None:
+            # glibc serves a freed large block's size from its heap afterwards, so the next layer's
+            # temporaries land between long-lived codes and θ; without handing those holes back, the
+            # resident set grows by several dense layers over a model (measured: 2x the QRESU size).
+            self.trim(0)
         return p
 
 
