@@ -128,7 +128,8 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     quant = dict(scheme=args.scheme, group_size=args.group_size, double_quant=args.double_quant)
-    dtype = torch.float32 if args.config == "smollm2" else torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    # bf16 for the 7B config on a GPU (its natural dtype); fp32 otherwise (SmolLM2's file is fp32)
+    dtype = torch.bfloat16 if args.config != "smollm2" and args.device.startswith("cuda") else torch.float32
     if args.config == "smollm2":
         config = transformers.AutoConfig.from_pretrained(args.workdir)
     else:

@@ -94,11 +94,14 @@ def test_shard_list_and_state_dict_iterator_sources(checkpoint):
     _assert_same(ref, model)
 
     dense = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    items = ((k, v.clone()) for k, v in dense.state_dict().items())  # a generator: one pass, in model order
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    items = (kv for kv in dense.state_dict().items())  # a generator: one pass, in model order
     model = _empty(tied)
     resu.load_quantized_(model, items, 0.3, scope="global", epsilon=0.3, generator=torch.Generator().manual_seed(4),
                          **QUANT[0])
     _assert_same(ref, model)
+    for k, v in dense.state_dict().items():  # pruning did not write through the caller's tensors
+        assert torch.equal(v, before[k]), k
 
 
 def test_a_single_file_and_2_4_pattern(tmp_path):

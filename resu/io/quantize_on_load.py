@@ -24,6 +24,9 @@ so a tied head is one tensor, loaded dense, as :func:`resu.sparsify_` leaves it.
 The result is what ``sparsify_`` → ``prune_`` → ``enter_qresu_`` gives on the same model loaded densely:
 the same codes, scales, masks and (with the same generator) θ, bitwise. θ is drawn in the model's
 parameter order for file sources and in arrival order for an iterator of ``(name, tensor)``.
+Tensors from an iterator are taken over where their dtype and device already match (no copy, as
+``load_state_dict(assign=True)`` does) for the dense parameters and buffers; a weight to quantize is
+never written through (it is copied first when it would be).
 
 Errors: unknown or duplicated keys, shape mismatches, non-floating weights and missing tensors raise a
 ``ValueError`` naming the key and what was expected. Nothing is written into the model until every
@@ -238,13 +241,17 @@ class _Converter:
         return torch.device("cpu") if slot.tensor.device.type == "meta" else slot.tensor.device
 
     @torch.no_grad()
-    def __call__(self, slot: _Slot, value: torch.Tensor):
-        value = value.to(device=self.target_device(slot), dtype=slot.tensor.dtype)
+    def __call__(self, slot: _Slot, value: torch.Tensor, owned: bool):
+        """``owned``: the tensor was read for this call (a file's); otherwise the caller may still use it."""
+        converted = value.to(device=self.target_device(slot), dtype=slot.tensor.dtype)
         if slot.is_buffer:
-            return value
+            return converted
         if not slot.quantize:
-            return nn.Parameter(value, requires_grad=slot.tensor.requires_grad)
-        return self._qresu(slot, value)
+            return nn.Parameter(converted, requires_grad=slot.tensor.requires_grad)
+        if not owned and converted.data_ptr() == value.data_ptr():
+            converted = converted.clone()  # pruning zeroes slots in place: never through the caller's tensor
+        del value
+        return self._qresu(slot, converted)
 
     def _qresu(self, slot: _Slot, weight: torch.Tensor) -> nn.Parameter:
         from resu.api.prune import method_result
@@ -311,7 +318,7 @@ def _load_files(files: _Files, slots: list[_Slot], convert: _Converter) -> dict:
         if slot.name in chosen:
             value = files.get(chosen[slot.name])
             _check_value(slot, chosen[slot.name], value.shape, value)
-            staged[slot.name] = convert(slot, value)
+            staged[slot.name] = convert(slot, value, owned=True)
             del value
     return staged
 
@@ -323,7 +330,8 @@ def _load_stream(items: Iterable, slots: list[_Slot], convert: _Converter) -> di
         try:
             key, value = item
         except (TypeError, ValueError):
-            raise ValueError(f"load_quantized_: an iterator source must yield (name, tensor) pairs, got {type(item).__name__}") from None
+            raise ValueError("load_quantized_: an iterator source must yield (name, tensor) pairs, "
+                             f"got {type(item).__name__}") from None
         slot = by_alias.get(key)
         if slot is None:
             raise _unexpected_error([str(key)])
@@ -338,7 +346,7 @@ def _load_stream(items: Iterable, slots: list[_Slot], convert: _Converter) -> di
             continue
         _check_value(slot, key, value.shape, value)
         chosen[slot.name] = key
-        staged[slot.name] = convert(slot, value)
+        staged[slot.name] = convert(slot, value, owned=False)
         del value, item
     _check_complete(slots, chosen)
     return staged

@@ -263,11 +263,11 @@ def block_scales(scale: torch.Tensor, zero: torch.Tensor, double_quant: bool) ->
     return (codes.float() - zero[1][g]) * zero[0][g]
 
 
-def _affine_codes(flat, s, z, rows_unused, cols_unused, fmt):
+def _affine_codes(flat, s, z, fmt):
     return torch.round(flat / s + z).clamp_(0, 2**fmt.bits - 1).to(torch.uint8)
 
 
-def _nf4_codes(flat, s, z_unused, rows_unused, cols_unused, fmt):
+def _nf4_codes(flat, s, z_unused, fmt):
     levels = nf4_codebook(flat.device)
     x = torch.where(s > 0, flat / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(flat))
     # nearest level (ties to the lower one): count the midpoints below x
@@ -278,7 +278,7 @@ class _Codec(NamedTuple):
     """The reference side of one ``decode``: block parameters, encoding, and the per-slot code → value map."""
 
     params: object  # (w, fmt, ignore) -> (scale, zero) as stored
-    encode: object  # (flat w, slot scale, slot zero, rows, cols, fmt) -> uint8 codes
+    encode: object  # (flat w, slot scale, slot zero, fmt) -> uint8 codes
     value: object  # (codes as fp32, slot scale, slot zero) -> fp32 values
 
 
@@ -309,7 +309,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt
     w2 = _as_2d(w.detach()).float()
     rows, cols = w2.shape
     s, z = _slot_params(scale, zero, rows, cols, fmt.decode, fmt.group_cols(cols), fmt.row_stride(cols), w2.device)
-    codes = _CODECS[fmt.spec.decode].encode(w2.reshape(-1), s, z, rows, cols, fmt)
+    codes = _CODECS[fmt.spec.decode].encode(w2.reshape(-1), s, z, fmt)
     return codes.reshape(rows, cols)
 
 
