@@ -241,3 +241,16 @@ def test_quantizing_in_row_chunks_gives_the_whole_weight_result(monkeypatch, fmt
     qdata, s2, z2 = quantize_active(w, pruned, fmt)
     assert torch.equal(s2, scale) and torch.equal(z2, zero)
     assert torch.equal(unpack(qdata, fmt.bits, w.numel()), whole)
+
+
+def test_nf4_double_quant_model_compiles_fullgraph_with_the_eager_results():
+    model = _nf4_model(True, group_size=4)
+    x = torch.randn(8, 12)
+    eager = model(x)
+    eager.sum().backward()
+    grad = model[0].weight.grad.values.clone()
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(model[0].weight.grad.values, grad)
