@@ -206,7 +206,7 @@ def test_moves_copies_and_densify_keep_the_quantized_state():
         ({"bits": "4"}, "bits"),
         ({"scheme": "per_row"}, "scheme"),
         ({"scheme": "per_group", "group_size": 0}, "group_size"),
-        ({"group_size": None}, "group_size"),
+        ({"group_size": 64.0}, "group_size"),  # None is the scheme default; a float is refused
         ({"epsilon": -1.0}, "epsilon"),
     ],
 )

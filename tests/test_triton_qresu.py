@@ -21,7 +21,8 @@ DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")),
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
-FORMATS = [QuantFormat(4, "per_channel"), QuantFormat(8, "per_tensor"), QuantFormat(4, "per_group", 16), QuantFormat(8, "per_group", 7)]
+FORMATS = [QuantFormat(4, "per_channel"), QuantFormat(8, "per_tensor"), QuantFormat(4, "per_group", 16), QuantFormat(8, "per_group", 7),
+           QuantFormat(4, "nf4", 8), QuantFormat(4, "nf4", 5, double_quant=True)]
 ENCODINGS = list(mask_ops.MaskEncoding)
 
 
@@ -36,7 +37,8 @@ def _case(shape, sparsity, encoding, fmt, device, seed):
     storage = mask_ops._encode_as(pruned.view(shape), encoding)
     qdata, scale, zero = quantize_active(w, pruned, fmt)
     theta = torch.randn(k, generator=g)
-    args = (qdata, scale, zero, theta, storage, encoding.value, k, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols))
+    args = (qdata, scale, zero, theta, storage, encoding.value, k, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols),
+            fmt.decode)
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), pruned.to(device)
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
 from resu.api.validation import check_int
 from resu.tensors.mode import ResuMode
-from resu.tensors.quantized import QuantFormat, QuantizedState, check_format, quantize_active
+from resu.tensors.quantized import SCHEME_TABLE, QuantFormat, QuantizedState, check_format, quantize_active
 from resu.tensors.resu_parameter import ResuParameter
 
 
@@ -18,17 +18,19 @@ def enter_qresu_(
     model: nn.Module,
     bits: int = 4,
     scheme: str = "per_channel",
-    group_size: int = 128,
+    group_size: Optional[int] = None,
     epsilon: float = 0.1,
     *,
+    double_quant: bool = False,
     generator: Optional[torch.Generator] = None,
     selective=None,
 ) -> nn.Module:
     """Start a QRESU phase: quantize the frozen active weights, give the pruned slots a trainable θ, in place.
 
-    For every pruned weight the active values are quantized (asymmetric: a scale and a zero point per
-    tensor, per output channel or per ``group_size`` columns of a row, range taken over active slots
-    only) and stored as packed codes (two per byte at 4 bits); θ becomes a flat vector of the pruned
+    For every pruned weight the active values are quantized, range taken over active slots only, and
+    stored as packed codes (two per byte at 4 bits): affine schemes keep a scale and a zero point per
+    tensor, per output channel or per ``group_size`` columns of a row; ``"nf4"`` stores the index of the
+    nearest NormalFloat level (QLoRA) with one absmax scale per ``group_size`` columns of a row; θ becomes a flat vector of the pruned
     slots' values (the weight's dtype), initialised as :func:`resu.enter_resu_` does,
     θ ~ N(0, (ε·σ_A)²); the dense weight is freed. The forward rebuilds the effective weight on the
     fly (``resu::dequant_merge``). Train θ with :class:`resu.ResuAdamW`.
@@ -36,9 +38,12 @@ def enter_qresu_(
     Args:
         model: a pruned model (every ResuParameter in SPARSE mode, see :func:`resu.prune_`).
         bits: 4 or 8.
-        scheme: ``"per_channel"``, ``"per_tensor"`` or ``"per_group"``.
-        group_size: columns per scale for ``"per_group"`` (a positive int; ignored otherwise).
+        scheme: ``"per_channel"``, ``"per_tensor"``, ``"per_group"`` or ``"nf4"`` (4-bit only).
+        group_size: columns per scale for ``"per_group"`` and ``"nf4"`` (a positive int; ignored
+            otherwise). None: the scheme's default, 128 (per_group) or 64 (nf4).
         epsilon: θ initialisation scale relative to σ_A, >= 0.
+        double_quant: ``"nf4"`` only: store the block scales as 8-bit codes, an fp32 scale and zero
+            point per 256 blocks (about 0.125 instead of 0.5 bits per weight at group_size 64).
         generator: random generator for θ.
         selective: a :class:`~resu.core.selective.SelectionConfig` to train θ with RESU-Selective
             (QRESU-Selective), exactly as for :func:`resu.enter_resu_`.
@@ -52,8 +57,10 @@ def enter_qresu_(
             left unchanged (also when a step fails midway: the weights already changed are restored).
     """
     check_int(bits, "bits", "enter_qresu_", choices=(4, 8))
+    check_format(bits, scheme, 1 if group_size is None else group_size, "enter_qresu_", double_quant)
+    if group_size is None:
+        group_size = SCHEME_TABLE[scheme].default_group_size
     check_int(group_size, "group_size", "enter_qresu_", minimum=1)
-    check_format(bits, scheme, group_size, "enter_qresu_")
     params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_qresu_")
     flat = [name for name, p in params if p.dim() < 2]
     if flat:
@@ -62,7 +69,7 @@ def enter_qresu_(
             f"enter_qresu_: QRESU needs weights with at least 2 dimensions (rows × columns); {', '.join(flat)} "
             "is 1-D. Use resu.enter_resu_ for this model, or keep 1-D weights out of resu.sparsify_ (filter_fn)."
         )
-    fmt = QuantFormat(bits, scheme, group_size)
+    fmt = QuantFormat(bits, scheme, group_size, double_quant)
     states = []
     with torch.no_grad():
         for _, p in params:

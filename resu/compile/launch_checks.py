@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import torch
 
 from resu.tensors.mask_kernels import MaskEncoding, _storage_dtype, _storage_len
-from resu.tensors.quantized import BITS
+from resu.tensors.quantized import BITS, DECODES, DOUBLE_QUANT_GROUP
 from resu.tensors.validate import _is_int
 
 __all__ = [
@@ -112,11 +112,12 @@ def check_launch_grouped_adamw(items) -> None:
 def check_launch_dequant_merge(
     qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, theta: torch.Tensor, storage: torch.Tensor,
     encoding: Union[MaskEncoding, str], n_pruned: int, rows: int, cols: int, bits: int, group_cols: int,
-    row_stride: int,
+    row_stride: int, decode: str = "affine",
 ) -> None:
-    """Before ``triton_qresu.dequant_merge_triton``: packed codes for ``rows × cols`` slots, one scale and
-    zero per group the indexing ``row * row_stride + col // group_cols`` can reach, θ of ``n_pruned``, and
-    mask storage of the encoding's length."""
+    """Before ``triton_qresu.dequant_merge_triton``: packed codes for ``rows × cols`` slots, one scale
+    per block the indexing ``row * row_stride + col // group_cols`` can reach (8-bit codes under double
+    quantization), zero points as ``decode`` stores them, θ of ``n_pruned``, and mask storage of the
+    encoding's length."""
     launcher = "dequant_merge"
     for arg, v in (("rows", rows), ("cols", cols)):
         if not (_is_int(v) and v >= 0):
@@ -138,9 +139,16 @@ def check_launch_dequant_merge(
     device = qdata.device if isinstance(qdata, torch.Tensor) else None
     packed = (numel + 1) // 2 if bits == 4 else numel
     _need(launcher, "qdata", qdata, numel=packed, dtype=torch.uint8)
+    if decode not in DECODES:
+        raise _launch_error(launcher, "decode", f"one of {', '.join(map(repr, DECODES))}", repr(decode))
+    if decode != "affine" and (bits != 4 or row_stride == 0):
+        raise _launch_error(launcher, "bits/row_stride", "4 and >= 1 for NF4 codes", f"{bits} and {row_stride}")
     n_scales = 1 if row_stride == 0 else rows * row_stride
-    _need(launcher, "scale", scale, numel=n_scales, floating=True, device=device)
-    _need(launcher, "zero", zero, numel=n_scales, floating=True, device=device)
+    dq = decode.endswith("_dq")
+    _need(launcher, "scale", scale, numel=n_scales, dtype=torch.uint8 if dq else None, floating=not dq,
+          device=device)
+    n_zero = {"affine": n_scales, "nf4": 0}.get(decode, 2 * -(-max(n_scales, 1) // DOUBLE_QUANT_GROUP))
+    _need(launcher, "zero", zero, numel=n_zero, floating=True, device=device)
     _need(launcher, "theta", theta, numel=n_pruned, floating=True, device=device)
     _need(launcher, "storage", storage, numel=_storage_len(enc, numel, n_pruned), dtype=_storage_dtype(enc), device=device)
 

@@ -1,8 +1,15 @@
 """Triton kernel for QRESU: dequantize packed codes and merge θ into the effective weight, in one pass.
 
 Each program writes ``QBLOCK`` consecutive slots of the effective weight (flat, row-major). It reads the
-packed codes once (half a byte per slot at 4 bits), the slot's scale and zero (a few values per
-program, cached), and for pruned slots θ at the slot's rank among the pruned slots:
+packed codes once (half a byte per slot at 4 bits), the slot's block parameters (a few values per
+program, cached), and for pruned slots θ at the slot's rank among the pruned slots.
+
+A code reads back by the weight's ``decode`` (:attr:`resu.tensors.quantized.QuantFormat.decode`):
+affine ``(q - zero) * scale``; NF4 ``level[q] * scale``, the 16 levels loaded from a small table that
+stays in cache; NF4 with double quantization first reads the block scale back from its 8-bit code,
+``(c - zero2[g]) * scale2[g]`` with ``g`` the block's group of 256, in the same pass.
+
+The θ rank of a pruned slot:
 
 - bitmap masks: the rank is the block's first pruned index (``cached_block_offsets``, a per-block
   prefix sum computed once per mask) plus an in-block ``tl.cumsum`` of the pruned bits;
@@ -23,6 +30,7 @@ import triton.language as tl
 from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks
 from resu.tensors import mask as mask_ops
 from resu.compile.launch_checks import check_launch_dequant_merge
+from resu.tensors.quantized import DOUBLE_QUANT_GROUP, nf4_codebook
 
 # Slots per program and warps per program: 16 slots per thread amortize the per-block work, and
 # two warps keep the in-block rank scan cheap; the best of a sweep on an H100 (see BENCHMARKS.md).
@@ -34,6 +42,8 @@ _ENCODING_IDS = {
     mask_ops.MaskEncoding.PRUNED_INDICES.value: 1,
     mask_ops.MaskEncoding.ACTIVE_INDICES.value: 2,
 }
+_DECODE_IDS = {"affine": 0, "nf4": 1, "nf4_dq": 2}
+DQ_GROUP = tl.constexpr(DOUBLE_QUANT_GROUP)
 
 
 @triton.jit
@@ -67,11 +77,25 @@ def _to_bf16_rtne(x):
 
 
 @triton.jit
+def _block_params(scale_ptr, zero_ptr, sidx, ok, n_groups, DECODE: tl.constexpr):
+    """A block's fp32 scale and zero point (the zero is unused by NF4); ``ok`` masks the loads."""
+    if DECODE == 2:  # 8-bit scale codes, one affine (scale2, zero2) per DOUBLE_QUANT_GROUP blocks
+        g = sidx // DQ_GROUP
+        c = tl.load(scale_ptr + sidx, mask=ok, other=0).to(tl.float32)
+        s = (c - tl.load(zero_ptr + n_groups + g, mask=ok, other=0.0)) * tl.load(zero_ptr + g, mask=ok, other=1.0)
+        return s, s
+    s = tl.load(scale_ptr + sidx, mask=ok, other=1.0)
+    if DECODE == 0:
+        return s, tl.load(zero_ptr + sidx, mask=ok, other=0.0)
+    return s, s
+
+
+@triton.jit
 def _dequant_merge_kernel(
-    q_ptr, scale_ptr, zero_ptr, theta_ptr, mask_ptr, offsets_ptr, out_ptr, numel, n_idx,
+    q_ptr, scale_ptr, zero_ptr, lut_ptr, theta_ptr, mask_ptr, offsets_ptr, out_ptr, numel, n_idx, n_groups,
     COLS: tl.constexpr, GROUP_COLS: tl.constexpr, ROW_STRIDE: tl.constexpr,
-    SCALE_MODE: tl.constexpr, BITS: tl.constexpr, ENCODING: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    SCALE_MODE: tl.constexpr, BITS: tl.constexpr, DECODE: tl.constexpr, ENCODING: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # A block of BLOCK slots as a (BLOCK // 8, 8) tile, laid out like tile_ranks' (one mask byte per row).
     pid = tl.program_id(0)
@@ -86,21 +110,24 @@ def _dequant_merge_kernel(
         code = tl.interleave(packed & 15, packed >> 4)
     else:
         code = tl.load(q_ptr + offs, mask=in_bounds, other=0).to(tl.int32)
-    if SCALE_MODE == 0:  # per tensor: one scale
+    if SCALE_MODE == 0:  # per tensor: one scale (affine only: NF4 is always grouped)
         s = tl.load(scale_ptr)
         z = tl.load(zero_ptr)
     elif SCALE_MODE == 1:  # the 8 slots of a tile row share a scale (groups and rows are multiples of 8)
         first = pid * BLOCK + byte_row * 8
         row = first // COLS  # COLS is a compile-time constant: a multiply and a shift, no division
         sidx = row * ROW_STRIDE + (first - row * COLS) // GROUP_COLS
-        s = tl.load(scale_ptr + sidx, mask=first < numel, other=1.0)[:, None]
-        z = tl.load(zero_ptr + sidx, mask=first < numel, other=0.0)[:, None]
+        s, z = _block_params(scale_ptr, zero_ptr, sidx, first < numel, n_groups, DECODE)
+        s = s[:, None]
+        z = z[:, None]
     else:
         row = offs // COLS
         sidx = row * ROW_STRIDE + (offs - row * COLS) // GROUP_COLS
-        s = tl.load(scale_ptr + sidx, mask=in_bounds, other=1.0)
-        z = tl.load(zero_ptr + sidx, mask=in_bounds, other=0.0)
-    w = (code.to(tl.float32) - z) * s
+        s, z = _block_params(scale_ptr, zero_ptr, sidx, in_bounds, n_groups, DECODE)
+    if DECODE == 0:
+        w = (code.to(tl.float32) - z) * s
+    else:
+        w = tl.load(lut_ptr + code) * s  # code < 16: always in the table
     if ENCODING == 0:
         _, pruned, rank = tile_ranks(mask_ptr, offsets_ptr, numel, True, BLOCK)
     else:
@@ -126,12 +153,23 @@ def _scale_mode(cols: int, group_cols: int, row_stride: int) -> int:
     return 1 if cols % 8 == 0 and group_cols % 8 == 0 else 2
 
 
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _codebook_on(device: torch.device) -> torch.Tensor:
+    """The NF4 table on ``device``, made once per device (not once per launch)."""
+    if device not in _LUTS:
+        _LUTS[device] = nf4_codebook(device)
+    return _LUTS[device]
+
+
 def dequant_merge_triton(
-    qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, out_dtype
+    qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, decode,
+    out_dtype,
 ) -> torch.Tensor:
     """Effective QRESU weight ``(rows, cols)`` in ``out_dtype`` (see :func:`dequant_merge_reference`)."""
     check_launch_dequant_merge(
-        qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride
+        qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols, row_stride, decode
     )
     numel = rows * cols
     out = torch.empty((rows, cols), dtype=out_dtype, device=qdata.device)
@@ -146,9 +184,13 @@ def dequant_merge_triton(
         offsets = storage  # unused: a valid pointer for the launch
         n_idx = storage.numel()
         steps = max(1, int(n_idx).bit_length())
+    dec = _DECODE_IDS[decode]
+    lut = _codebook_on(qdata.device) if dec else scale  # the affine decode never reads the table
+    zero_flat = zero.reshape(-1) if zero.numel() else scale.reshape(-1)  # NF4's empty zero: any valid pointer
+    n_groups = zero.shape[-1] if dec == 2 else 0
     _dequant_merge_kernel[(n_blocks,)](
-        qdata, scale.reshape(-1), zero.reshape(-1), theta, storage, offsets, out, numel, n_idx,
-        cols, group_cols, row_stride, _scale_mode(cols, group_cols, row_stride), bits, enc, steps,
+        qdata, scale.reshape(-1), zero_flat, lut, theta, storage, offsets, out, numel, n_idx, n_groups,
+        cols, group_cols, row_stride, _scale_mode(cols, group_cols, row_stride), bits, dec, enc, steps,
         out_dtype == torch.bfloat16, QBLOCK,
         num_warps=NUM_WARPS,
     )

@@ -118,8 +118,9 @@ def check_inner(source: str, name: str, layout: ResuLayout, shape: torch.Size, d
         rows, cols = shape[0], numel // max(shape[0], 1)
         _need(source, name, "qdata", inner["_qdata"], shape=((numel + 1) // 2 if fmt.bits == 4 else numel,),
               dtype=torch.uint8)
-        for attr in ("_qscale", "_qzero"):
-            _need(source, name, attr.lstrip("_"), inner[attr], shape=fmt.scale_shape(rows, cols), floating=True)
+        _need(source, name, "qscale", inner["_qscale"], shape=fmt.scale_shape(rows, cols), dtype=fmt.scale_dtype,
+              floating=fmt.scale_dtype is None)
+        _need(source, name, "qzero", inner["_qzero"], shape=fmt.zero_shape(rows, cols), floating=True)
         _need(source, name, "theta", inner["_theta"], shape=(layout.n_pruned,), dtype=dtype)
     else:
         weight = inner["_weight"]

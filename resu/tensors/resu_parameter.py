@@ -254,7 +254,7 @@ class ResuParameter(torch.Tensor):
         fmt = self._layout.qformat
         return (
             self._qdata, self._qscale, self._qzero, self._theta, self._mask_storage, self._layout.encoding_name,
-            self.n_pruned, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols),
+            self.n_pruned, rows, cols, fmt.bits, fmt.group_cols(cols), fmt.row_stride(cols), fmt.decode,
         )
 
     def _dequant_merge(self, dtype: torch.dtype) -> torch.Tensor:

@@ -112,6 +112,11 @@ def _check_format(name: str, fmt: Any) -> QuantFormat:
         raise CheckpointError(name, "quant_format.scheme", f"one of {', '.join(map(repr, SCHEMES))}", repr(fmt.scheme))
     if not (_is_int(fmt.group_size) and fmt.group_size > 0):
         raise CheckpointError(name, "quant_format.group_size", "a positive int", repr(fmt.group_size))
+    if fmt.bits not in fmt.spec.bits:
+        raise CheckpointError(name, "quant_format.bits", f"one of {fmt.spec.bits} for scheme {fmt.scheme!r}", repr(fmt.bits))
+    if not isinstance(fmt.double_quant, bool) or (fmt.double_quant and not fmt.spec.double_quant_ok):
+        raise CheckpointError(name, "quant_format.double_quant", f"a bool, False for scheme {fmt.scheme!r}",
+                              repr(fmt.double_quant))
     return fmt
 
 
@@ -282,9 +287,9 @@ def validate_layout(
         rows = shape[0]
         cols = numel // max(rows, 1)
         _check_tensor(name, "_qdata", present["_qdata"], shape=(fmt.packed_numel(numel),), dtype=torch.uint8)
-        scale_shape = fmt.scale_shape(rows, cols)
-        _check_tensor(name, "_qscale", present["_qscale"], shape=scale_shape, floating=True)
-        _check_tensor(name, "_qzero", present["_qzero"], shape=scale_shape, floating=True)
+        _check_tensor(name, "_qscale", present["_qscale"], shape=fmt.scale_shape(rows, cols), dtype=fmt.scale_dtype,
+                      floating=fmt.scale_dtype is None)
+        _check_tensor(name, "_qzero", present["_qzero"], shape=fmt.zero_shape(rows, cols), floating=True)
         _check_tensor(name, "_theta", present["_theta"], shape=(n_pruned,), floating=True)
     else:
         if quant_format is not None:

@@ -5,12 +5,17 @@
 consecutive columns of a row. The rounding error is at most ``scale / 2`` per element (up to float
 rounding). QRESU stores the same codes packed two per byte (:mod:`resu.tensors.quantized`).
 
+:func:`quantize` / :func:`dequantize` also take ``scheme="nf4"`` (4-bit NormalFloat codes with one
+absmax ``scale`` per ``group_size`` columns, an empty ``zero_point``; ``double_quant=True`` stores the
+scales as 8-bit codes, see :mod:`resu.tensors.quantized`).
+
 Example::
 
     W_q, scale, zero_point = quantize_per_channel(W, bits=4)
     W_hat = dequantize_per_channel(W_q, scale, zero_point)
     W_q, qparams = quantize(W, bits=4, scheme="per_group", group_size=128)
     W_hat = dequantize(W_q, qparams)
+    W_q, qparams = quantize(W, bits=4, scheme="nf4", group_size=64, double_quant=True)
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from resu.tensors.quantized import QuantFormat, affine_params, check_format, dequantize_codes, quantize_codes
+from resu.tensors.quantized import SCHEME_TABLE, QuantFormat, block_params, check_format, dequantize_codes, quantize_codes
 
 __all__ = [
     "quantize",
@@ -40,23 +45,24 @@ def _check_weight(W: torch.Tensor, caller: str) -> None:
         raise ValueError(f"{caller}: `W` must be 2-D (out_features, in_features), got shape {tuple(W.shape)}")
 
 
-def _quantize(W, bits, scheme, group_size, caller):
+def _quantize(W, bits, scheme, group_size, caller, double_quant=False):
     _check_weight(W, caller)
-    check_format(bits, scheme, group_size, caller)
-    fmt = QuantFormat(bits, scheme, group_size)
-    scale, zero = affine_params(W, fmt)
+    check_format(bits, scheme, group_size, caller, double_quant)
+    fmt = QuantFormat(bits, scheme, group_size, double_quant)
+    scale, zero = block_params(W, fmt)
     return quantize_codes(W, scale, zero, fmt), scale, zero
 
 
-def _dequantize(W_q, scale, zero, scheme, group_size, caller):
+def _dequantize(W_q, scale, zero, scheme, group_size, caller, double_quant=False):
     if not isinstance(W_q, torch.Tensor) or W_q.dtype != torch.uint8 or W_q.dim() != 2:
         raise ValueError(f"{caller}: `W_q` must be a 2-D uint8 tensor of codes")
-    fmt = QuantFormat(8, scheme, group_size)
-    expected = fmt.scale_shape(*W_q.shape)
-    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
+    # The widest bit width the scheme takes: reading codes back does not depend on it.
+    fmt = QuantFormat(SCHEME_TABLE[scheme].bits[-1], scheme, group_size, double_quant)
+    expected = fmt.scale_shape(*W_q.shape), fmt.zero_shape(*W_q.shape)
+    if (tuple(scale.shape), tuple(zero.shape)) != expected:
         raise ValueError(
-            f"{caller}: `scale` and `zero_point` must have shape {expected} for {scheme} codes of shape "
-            f"{tuple(W_q.shape)}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
+            f"{caller}: `scale` and `zero_point` must have shapes {expected[0]} and {expected[1]} for {scheme} "
+            f"codes of shape {tuple(W_q.shape)}, got {tuple(scale.shape)} and {tuple(zero.shape)}"
         )
     return dequantize_codes(W_q, scale, zero, fmt)
 
@@ -104,12 +110,14 @@ def dequantize_per_group(
 
 
 def quantize(
-    W: torch.Tensor, bits: int = 4, scheme: str = "per_channel", group_size: int = 128
+    W: torch.Tensor, bits: int = 4, scheme: str = "per_channel", group_size: int = 128, double_quant: bool = False
 ) -> tuple[torch.Tensor, dict]:
     """Quantize ``W`` with any scheme. Returns ``(W_q, qparams)``; ``qparams`` holds ``scale``,
-    ``zero_point``, ``bits``, ``scheme`` and ``group_size`` (everything :func:`dequantize` needs)."""
-    W_q, scale, zero = _quantize(W, bits, scheme, group_size, "quantize")
-    qparams = {"scale": scale, "zero_point": zero, "bits": bits, "scheme": scheme, "group_size": group_size}
+    ``zero_point``, ``bits``, ``scheme``, ``group_size`` and ``double_quant`` (everything
+    :func:`dequantize` needs). ``double_quant`` applies to ``scheme="nf4"`` only."""
+    W_q, scale, zero = _quantize(W, bits, scheme, group_size, "quantize", double_quant)
+    qparams = {"scale": scale, "zero_point": zero, "bits": bits, "scheme": scheme, "group_size": group_size,
+               "double_quant": double_quant}
     return W_q, qparams
 
 
@@ -122,5 +130,6 @@ def dequantize(W_q: torch.Tensor, qparams: dict, scheme: Optional[str] = None) -
     if scheme is None:
         raise ValueError("dequantize: pass `scheme` (qparams has no 'scheme' entry)")
     group_size = qparams.get("group_size", 128)
-    check_format(8, scheme, group_size, "dequantize")
-    return _dequantize(W_q, qparams["scale"], qparams["zero_point"], scheme, group_size, "dequantize")
+    double_quant = qparams.get("double_quant", False)
+    check_format(qparams.get("bits", 4), scheme, group_size, "dequantize", double_quant)
+    return _dequantize(W_q, qparams["scale"], qparams["zero_point"], scheme, group_size, "dequantize", double_quant)
