@@ -1,0 +1,17 @@
+"""resu with PyTorch's own distributed engines: DDP, FSDP2 (``fully_shard``) and ``torch.distributed.checkpoint``.
+
+- :func:`wrap_ddp` / :func:`compact_allreduce_hook`: DDP that broadcasts ResuParameters as they are
+  and all-reduces only trainable slots.
+- :func:`broadcast_module_`: make every rank's model equal to one rank's, masks and codes included.
+"""
+
+from resu.distributed.broadcast import broadcast_module_
+from resu.distributed.ddp import CompactAllReduceState, compact_allreduce_hook, trainable_flat_index, wrap_ddp
+
+__all__ = [
+    "CompactAllReduceState",
+    "broadcast_module_",
+    "compact_allreduce_hook",
+    "trainable_flat_index",
+    "wrap_ddp",
+]
