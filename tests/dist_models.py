@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import resu
 
@@ -23,15 +24,16 @@ class Mlp(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
-def tiny_model(mode: str, seed: int = 0, unused: bool = False) -> nn.Module:
-    """A 2-layer MLP (:class:`Mlp`) in ``mode``, pruned to 50%."""
+def tiny_model(mode: str, seed: int = 0, unused: bool = False, select_ratio: float = 0.5) -> nn.Module:
+    """A 2-layer MLP (:class:`Mlp`) in ``mode``, pruned to 50%. ``select_ratio``: the RESU-Selective
+    screen and select ratios ("selective" mode); 1.0 leaves only the elementwise consistency test."""
     torch.manual_seed(seed)
     model = Mlp(unused)
     resu.sparsify_(model)
     resu.prune_(model, 0.5)
     gen = torch.Generator().manual_seed(seed)
     if mode in ("resu", "selective"):
-        selective = resu.SelectionConfig(k_select_ratio=0.5, tau_stable=0.0) if mode == "selective" else None
+        selective = resu.SelectionConfig(k_screen_ratio=select_ratio, k_select_ratio=select_ratio, tau_stable=0.3) if mode == "selective" else None
         resu.enter_resu_(model, epsilon=0.5, generator=gen, selective=selective)
     elif mode == "qresu":
         resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4, epsilon=0.5, generator=gen)
@@ -60,3 +62,28 @@ def assert_frozen(before: dict, model: nn.Module) -> None:
     for name, parts in before.items():
         for a, b in zip(parts, after[name]):
             assert torch.equal(a, b), f"{name}: a frozen part moved"
+
+
+def reference(mode: str, data: list, micro: int = 1, unused: bool = False, steps=None, select_ratio=0.5) -> nn.Module:
+    """Rank 0's model (seed 0) trained in one process on the whole (concatenated) batches; with
+    ``micro`` > 1 each batch is split into micro-batches as the distributed run splits it."""
+    model = tiny_model(mode, seed=0, unused=unused, select_ratio=select_ratio)
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in data[:steps]:
+        for k in range(micro):
+            rows = slice(None) if micro == 1 else [i for i in range(len(x)) if (i // 2) % micro == k]
+            F.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def effective(p: torch.Tensor) -> torch.Tensor:
+    """The dense weight a parameter (ResuParameter or plain) computes with."""
+    return p.effective_weight() if isinstance(p, resu.ResuParameter) else p.detach()
+
+
+def assert_close_to(weights: dict, model: nn.Module, what: str, rtol=1e-5, atol=1e-6) -> None:
+    """``weights`` (name -> dense tensor) match ``model``'s effective weights."""
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(weights[name], effective(p), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {name}: {m}")

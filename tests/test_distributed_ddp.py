@@ -12,23 +12,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import resu
 from resu.distributed import CompactAllReduceState, compact_allreduce_hook, wrap_ddp
-from dist_models import MODES, assert_frozen, batches, frozen_parts, tiny_model
+from dist_models import MODES, assert_close_to, assert_frozen, batches, effective, frozen_parts, reference, tiny_model
 from dist_spawn import run_spawned
 
 STEPS = 3
-
-
-def _reference(mode: str, data: list, micro: int = 1, unused: bool = False) -> torch.nn.Module:
-    """Rank 0's model trained in one process on the whole (concatenated) batches."""
-    model = tiny_model(mode, seed=0, unused=unused)
-    opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    for x, y in data:
-        for k in range(micro):
-            rows = slice(None) if micro == 1 else [i for i in range(len(x)) if (i // 2) % micro == k]
-            F.mse_loss(model(x[rows]), y[rows]).backward()
-        opt.step()
-        opt.zero_grad()
-    return model
 
 
 def _train(ddp, model, rank: int, data: list, micro: int = 1) -> None:
@@ -46,16 +33,13 @@ def _train(ddp, model, rank: int, data: list, micro: int = 1) -> None:
         opt.zero_grad()
 
 
-def _assert_matches(model, reference, what: str) -> None:
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        a = p.effective_weight() if isinstance(p, resu.ResuParameter) else p.detach()
-        b = q.effective_weight() if isinstance(q, resu.ResuParameter) else q.detach()
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {name}: {m}")
+def _assert_matches(model, reference_model, what: str) -> None:
+    assert_close_to({n: effective(p) for n, p in model.named_parameters()}, reference_model, what)
 
 
 def _assert_replicas_equal(model, what: str) -> None:
     for name, p in model.named_parameters():
-        w = p.effective_weight() if isinstance(p, resu.ResuParameter) else p.detach()
+        w = effective(p)
         gathered = [torch.empty_like(w) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, w.contiguous())
         assert all(torch.equal(gathered[0], g) for g in gathered), f"{what}: replicas differ at {name}"
@@ -69,7 +53,7 @@ def _ddp_checks(rank: int, world: int) -> None:
         ddp = wrap_ddp(model)
         frozen = frozen_parts(model)
         _train(ddp, model, rank, data)
-        _assert_matches(model, _reference(mode, data), f"{mode} wrap_ddp")
+        _assert_matches(model, reference(mode, data), f"{mode} wrap_ddp")
         _assert_replicas_equal(model, mode)
         assert_frozen(frozen, model)
 
@@ -77,7 +61,7 @@ def _ddp_checks(rank: int, world: int) -> None:
         model = tiny_model(mode, seed=0)
         ddp = DistributedDataParallel(model)
         _train(ddp, model, rank, data)
-        _assert_matches(model, _reference(mode, data), f"{mode} plain DDP")
+        _assert_matches(model, reference(mode, data), f"{mode} plain DDP")
 
     # The compact hook sends only trainable slots: θ (half the slots at s = 0.5), biases whole.
     for mode in ("resu", "qresu", "sparse"):
@@ -99,17 +83,17 @@ def _ddp_checks(rank: int, world: int) -> None:
         model = tiny_model(mode, seed=rank)
         ddp = wrap_ddp(model)
         _train(ddp, model, rank, data, micro=2)  # no_sync accumulation
-        _assert_matches(model, _reference(mode, data, micro=2), f"{mode} no_sync")
+        _assert_matches(model, reference(mode, data, micro=2), f"{mode} no_sync")
 
         model = tiny_model(mode, seed=rank, unused=True)
         ddp = wrap_ddp(model, find_unused_parameters=True)
         _train(ddp, model, rank, data)
-        _assert_matches(model, _reference(mode, data, unused=True), f"{mode} find_unused_parameters")
+        _assert_matches(model, reference(mode, data, unused=True), f"{mode} find_unused_parameters")
 
         model = tiny_model(mode, seed=rank)
         ddp = wrap_ddp(model, static_graph=True)
         _train(ddp, model, rank, data)
-        _assert_matches(model, _reference(mode, data), f"{mode} static_graph")
+        _assert_matches(model, reference(mode, data), f"{mode} static_graph")
         _assert_replicas_equal(model, f"{mode} static_graph")
 
     # Compiled DDP.
@@ -118,7 +102,7 @@ def _ddp_checks(rank: int, world: int) -> None:
     compiled = torch.compile(ddp)
     frozen = frozen_parts(model)
     _train(compiled, model, rank, data)
-    _assert_matches(model, _reference("resu", data), "compiled DDP")
+    _assert_matches(model, reference("resu", data), "compiled DDP")
     assert_frozen(frozen, model)
 
 

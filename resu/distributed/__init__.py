@@ -2,16 +2,21 @@
 
 - :func:`wrap_ddp` / :func:`compact_allreduce_hook`: DDP that broadcasts ResuParameters as they are
   and all-reduces only trainable slots.
+- :func:`fully_shard`: FSDP2 with ResuParameters sharded by rows (packed codes, θ and mask bits
+  all-gathered, never dense copies in QRESU mode); ResuAdamW keeps per-shard states.
 - :func:`broadcast_module_`: make every rank's model equal to one rank's, masks and codes included.
 """
 
 from resu.distributed.broadcast import broadcast_module_
+from resu.distributed.fsdp import fully_shard
+import resu.distributed.optim  # noqa: F401  (ResuAdamW over DTensor parameters)
 from resu.distributed.ddp import CompactAllReduceState, compact_allreduce_hook, trainable_flat_index, wrap_ddp
 
 __all__ = [
     "CompactAllReduceState",
     "broadcast_module_",
     "compact_allreduce_hook",
+    "fully_shard",
     "trainable_flat_index",
     "wrap_ddp",
 ]

@@ -1,0 +1,348 @@
+"""FSDP2 (``fully_shard``) with ResuParameters: row shards, and the all-gather extension hooks.
+
+A ResuParameter shards on dim 0 into ResuParameters of its row blocks, each a complete weight of its
+own: its rows of the dense weight (SPARSE/RESU) or of the packed codes and scales (QRESU), its θ
+values and its rows of the mask, stored as a bitmap so that every rank's mask has the same size.
+FSDP2 keeps the shard as the local tensor of a DTensor parameter, and before each forward calls
+
+- :func:`pre_all_gather` (``ResuParameter.fsdp_pre_all_gather``): the shard's inner tensors, padded
+  to sizes equal on every rank (θ to the largest shard's θ count), in the compute dtype;
+- :func:`post_all_gather` (``ResuParameter.fsdp_post_all_gather``): the full ResuParameter, built on
+  the gathered tensors (views where the rank segments line up, else reassembled).
+
+So the all-gather moves what the weight stores: packed codes, scales, θ and mask bits in QRESU mode,
+never a dense copy. The gradient of the full weight is a CompactGrad; FSDP2 reduce-scatters it as a
+dense-shaped gradient (its frozen slots are zeros) and hands each rank the gradient of its rows.
+
+Each shard's sizes on every rank (θ counts) are known only while the full weight is at hand (in
+``fully_shard``), so they are recorded in a table keyed by the shard's layout id; a mask or mode
+change of a sharded weight is refused.
+
+Use :func:`fully_shard` (a thin layer over ``torch.distributed.fsdp.fully_shard``): it checks that
+every ResuParameter's rows divide evenly over the mesh and turns on the row-sharding ops for the
+duration of the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.fsdp  # noqa: F401  (registers torch.ops.fsdp.*)
+import torch.nn as nn
+
+from resu.tensors import mask_kernels as mask_ops
+from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.compact_grad import implements as compact_grad_op
+from resu.tensors.layout import ResuLayout, new_layout_id
+from resu.tensors.mask_kernels import MaskEncoding
+from resu.tensors.mode import ResuMode
+from resu.tensors.quantized import pack, unpack
+from resu.tensors.resu_parameter import ATEN_OPS, ResuParameter, run_without_subclass  # noqa: F401
+from resu.tensors.resu_ops import _run_on_effective_weight
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """What every rank knows about one sharded weight: each shard's θ count, and the full layout."""
+
+    theta_counts: tuple[int, ...]
+    full_layout: ResuLayout
+
+    @property
+    def capacity(self) -> int:
+        """θ values each rank sends (the largest shard's count): all-gather inputs are equal-sized."""
+        return max(self.theta_counts)
+
+
+_SHARDS: dict[int, ShardInfo] = {}  # shard layout id -> ShardInfo
+
+
+class _RowSharding:
+    """Whether :func:`row_sharding` is on, this rank's index in the mesh, and the last row split made."""
+
+    active = False
+    rank = 0
+    last_split: list = []
+
+
+@contextlib.contextmanager
+def row_sharding(rank: int):
+    """Within it, ``torch.chunk`` / ``split`` of a ResuParameter on dim 0 give ResuParameter row shards,
+    and ``new_zeros`` of the shard size is this ``rank``'s shard: FSDP2's ``_init_sharded_param`` pads
+    each shard into a new tensor, which for an evenly sharded weight is the shard itself."""
+    saved = (_RowSharding.active, _RowSharding.rank, _RowSharding.last_split)
+    _RowSharding.active, _RowSharding.rank, _RowSharding.last_split = True, rank, []
+    try:
+        yield
+    finally:
+        _RowSharding.active, _RowSharding.rank, _RowSharding.last_split = saved
+
+
+def shard_info(p: ResuParameter) -> ShardInfo:
+    """The :class:`ShardInfo` of a row shard made by :func:`fully_shard`."""
+    info = _SHARDS.get(p.resu_layout.layout_id)
+    if info is None:
+        raise RuntimeError(
+            "a ResuParameter sharded by FSDP2 changed its mask or mode after fully_shard (prune_, enter_resu_, "
+            "commit_ ...). Change masks and modes before resu.distributed.fully_shard, on the unsharded model."
+        )
+    return info
+
+
+# ---------------------------------------------------------------------- row slices
+def _rows_cols(p: torch.Tensor) -> tuple[int, int]:
+    rows = p.shape[0]
+    return rows, (p.numel() // rows if rows else 0)
+
+
+def _theta_offsets(pruned_rows: torch.Tensor) -> list[int]:
+    """Cumulative θ count before each row (θ is in flat row-major order, so a row block's θ is contiguous)."""
+    per_row = pruned_rows.sum(dim=1).tolist()
+    out = [0]
+    for n in per_row:
+        out.append(out[-1] + int(n))
+    return out
+
+
+def row_slices(p: ResuParameter, bounds: list[tuple[int, int]]) -> list[ResuParameter]:
+    """ResuParameters holding rows ``start:stop`` of ``p`` for each bound, masks as bitmaps."""
+    rows, cols = _rows_cols(p)
+    layout = p.resu_layout
+    if not layout.mode.has_mask:
+        return [ResuParameter(layout.replace(layout_id=new_layout_id()), {"_weight": p._weight[a:b].clone()})
+                for a, b in bounds]
+    pruned = p._pruned_bool().view(rows, cols)
+    theta_at = _theta_offsets(pruned)
+    counts = tuple(theta_at[b] - theta_at[a] for a, b in bounds)
+    full = layout.replace(encoding=MaskEncoding.BITMAP)
+    if layout.mode is ResuMode.QRESU:
+        fmt = layout.qformat
+        codes = unpack(p._qdata, fmt.bits, rows * cols).view(rows, cols)
+    shards = []
+    for (a, b), n in zip(bounds, counts):
+        mask = mask_ops._encode_as(pruned[a:b], MaskEncoding.BITMAP)
+        shard_layout = layout.replace(encoding=MaskEncoding.BITMAP, n_pruned=n, layout_id=new_layout_id())
+        shape = (b - a, *p.shape[1:])
+        if layout.mode is ResuMode.QRESU:
+            per_row = fmt.scheme != "per_tensor"
+            inner = {
+                "_theta": p._theta[theta_at[a]:theta_at[b]].clone(),
+                "_qdata": pack(codes[a:b], fmt.bits),
+                "_qscale": p._qscale[a:b].clone() if per_row else p._qscale.clone(),
+                "_qzero": p._qzero[a:b].clone() if per_row else p._qzero.clone(),
+                "_mask_storage": mask,
+            }
+        else:
+            inner = {"_weight": p._weight[a:b].clone(), "_mask_storage": mask}
+        shard = ResuParameter(shard_layout, inner, shape=torch.Size(shape))
+        _SHARDS[shard_layout.layout_id] = ShardInfo(counts, full)
+        shards.append(shard)
+    return shards
+
+
+@ATEN_OPS.implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _split(func, args, kwargs):
+    """Row blocks of a ResuParameter (within :func:`row_sharding`); the dense weight's blocks otherwise."""
+    p = args[0]
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if not (_RowSharding.active and isinstance(p, ResuParameter) and dim in (0, -p.dim())):
+        return _run_on_effective_weight(func, args, kwargs)
+    sizes = args[1]
+    rows = p.shape[0]
+    if func is aten.split.Tensor:
+        sizes = [min(sizes, rows - start) for start in range(0, rows, sizes)] if rows else [0]
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    _RowSharding.last_split = row_slices(p, bounds)
+    return list(_RowSharding.last_split)
+
+
+@ATEN_OPS.implements(aten.new_zeros.default)
+def _new_zeros(func, args, kwargs):
+    """Within :func:`row_sharding`: this rank's shard, when the size is the shard's (FSDP2's "padded"
+    shard of an evenly sharded weight, which then copies the shard into itself); otherwise zeros as
+    for the dense weight."""
+    p, size = args[0], args[1]
+    shards = _RowSharding.last_split
+    if _RowSharding.active and isinstance(p, ResuParameter) and len(shards) > _RowSharding.rank:
+        mine = shards[_RowSharding.rank]
+        if tuple(mine.shape) == tuple(size):
+            return mine
+    return _run_on_effective_weight(func, args, kwargs)
+
+
+@ATEN_OPS.implements(aten.slice.Tensor)
+def _slice(func, args, kwargs):
+    """A full-range ``narrow`` / slice is an alias of the ResuParameter (FSDP2 narrows its evenly padded
+    shards to their full length); any other slice reads the dense weight."""
+    p = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start", 0)
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    if isinstance(p, ResuParameter) and step == 1 and start in (0, None):
+        size = p.shape[dim]
+        if end is None or end >= size:
+            return p._map_inner(lambda t, _: t)
+    return _run_on_effective_weight(func, args, kwargs)
+
+
+def _value_storage(p: ResuParameter):
+    return getattr(p, p.resu_layout.inner_names[0]).untyped_storage()
+
+
+def _give_storage(local: ResuParameter) -> None:
+    """Let FSDP2's local shard answer ``untyped_storage()`` with its value tensor's storage.
+
+    FSDP2 compares storage pointers of the local shard and its flat view when it re-pads shards (after
+    ``load_state_dict``, ``model.to``); a wrapper subclass has no storage of its own. Only the local
+    shards FSDP2 holds get this (an instance attribute), so ResuParameters elsewhere are unchanged.
+    """
+    local.untyped_storage = types.MethodType(_value_storage, local)
+
+
+@ATEN_OPS.implements(aten.as_strided.default)
+def _as_strided(func, args, kwargs):
+    """``as_strided`` to the parameter's own contiguous geometry is an alias of it (FSDP2 calls it on the
+    full weight after each all-gather); any other reads the dense weight."""
+    p, size, stride = args[0], args[1], args[2]
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0)
+    if isinstance(p, ResuParameter) and tuple(size) == tuple(p.shape) and tuple(stride) == tuple(p.stride()) and not offset:
+        return p._map_inner(lambda t, _: t)
+    return _run_on_effective_weight(func, args, kwargs)
+
+
+@compact_grad_op(torch.ops.fsdp.chunk_cat.default)
+def _chunk_cat(func, args, kwargs):
+    """FSDP2's reduce-scatter copy-in: a CompactGrad enters the dense buffer with zeros at its frozen slots."""
+    grads = [g.to_dense() if isinstance(g, CompactGrad) else g for g in args[0]]
+    return func(grads, *args[1:], **kwargs)
+
+
+# ---------------------------------------------------------------------- all-gather extension hooks
+def pre_all_gather(p: ResuParameter, mesh, outer_size, outer_stride, module, mp_policy):
+    """``fsdp_pre_all_gather``: the shard's inner tensors, equal-sized on every rank, and metadata."""
+    info = shard_info(p) if p.mode.has_mask else None
+    param_dtype = getattr(mp_policy, "param_dtype", None) or p.dtype
+    if p.mode is ResuMode.QRESU:
+        theta = p._theta.to(param_dtype)
+        padded = theta.new_zeros(info.capacity)
+        padded[: theta.numel()] = theta
+        scale, zero = p._qscale, p._qzero
+        inputs = (p._qdata, scale.reshape(-1) if scale.dim() == 0 else scale,
+                  zero.reshape(-1) if zero.dim() == 0 else zero, padded, p._mask_storage)
+    elif p.mode.has_mask:
+        inputs = (p._weight.to(param_dtype), p._mask_storage)
+    else:
+        inputs = (p._weight.to(param_dtype),)
+    return inputs, (tuple(p.shape), p.mode)
+
+
+def _join_bitmaps(gathered: torch.Tensor, world: int, local_numel: int, numel: int) -> torch.Tensor:
+    """The full weight's bitmap from ``world`` per-shard bitmaps laid end to end (a view when every shard
+    fills whole bytes)."""
+    if local_numel % 8 == 0:
+        return gathered[: mask_ops._bitmap_len(numel)]
+    per = gathered.view(world, -1)
+    bits = torch.cat([mask_ops._unpack_bits(per[r], local_numel) for r in range(world)])[:numel]
+    return mask_ops._encode_as(bits, MaskEncoding.BITMAP)
+
+
+def _join_codes(gathered: torch.Tensor, world: int, local_numel: int, numel: int, bits: int) -> torch.Tensor:
+    """The full weight's packed codes from per-shard packed codes (a view when shards fill whole bytes)."""
+    if bits == 8 or local_numel % 2 == 0:
+        return gathered[: (numel + 1) // 2 if bits == 4 else numel]
+    per = gathered.view(world, -1)
+    codes = torch.cat([unpack(per[r], bits, local_numel) for r in range(world)])[:numel]
+    return pack(codes, bits)
+
+
+def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Optional[ResuParameter] = None):
+    """``fsdp_post_all_gather``: the full ResuParameter on the gathered tensors, and the tensors FSDP2
+    must free and reallocate around each all-gather (those that are not views of its buffers)."""
+    local_shape, mode = metadata
+    world = len(shard_info(p).theta_counts) if mode.has_mask else outputs[0].shape[0] // local_shape[0]
+    rows = local_shape[0] * world
+    shape = torch.Size((rows, *local_shape[1:]))
+    numel = shape.numel()
+    local_numel = torch.Size(local_shape).numel()
+    if not mode.has_mask:
+        weight = outputs[0]
+        if out is not None:
+            return None
+        return ResuParameter(p.resu_layout, {"_weight": weight}), ()
+    info = shard_info(p)
+    # The mask is a tensor of its own, not a view of FSDP2's buffers: the CompactGrad of the full weight
+    # holds it until the reduce-scatter, after FSDP2 has freed those buffers.
+    mask = _join_bitmaps(outputs[-1], world, local_numel, numel).clone()
+    owned = []
+    full = info.full_layout.replace(n_pruned=sum(info.theta_counts), encoding=MaskEncoding.BITMAP)
+    if mode is ResuMode.QRESU:
+        fmt = full.qformat
+        qdata, scale, zero, theta_padded = outputs[:4]
+        codes = _join_codes(qdata, world, local_numel, numel, fmt.bits)
+        if not (fmt.bits == 8 or local_numel % 2 == 0):
+            owned.append(codes)
+        if fmt.scheme == "per_tensor":
+            scale, zero = scale[0], zero[0]
+        cap = info.capacity
+        theta = torch.cat([theta_padded[r * cap: r * cap + n] for r, n in enumerate(info.theta_counts)])
+        owned.append(theta)
+        inner = {"_theta": theta, "_qdata": codes, "_qscale": scale, "_qzero": zero, "_mask_storage": mask}
+    else:
+        inner = {"_weight": outputs[0], "_mask_storage": mask}
+    if out is not None:
+        # A later all-gather into the same full weight: the views already see the new data; copy the rest.
+        out._mask_storage = mask
+        for name, t in inner.items():
+            mine = getattr(out, name)
+            if name != "_mask_storage" and mine.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+                mine.copy_(t)
+        return None
+    return ResuParameter(full, inner, shape=shape), tuple(owned)
+
+
+# ---------------------------------------------------------------------- fully_shard
+def fully_shard(module: nn.Module, **kwargs):
+    """``torch.distributed.fsdp.fully_shard(module, **kwargs)`` for modules holding ResuParameters.
+
+    Checks that every ResuParameter not yet sharded has a first dimension divisible by the mesh size
+    (FSDP2 pads uneven shards, which a masked weight cannot share storage with), then shards each into
+    ResuParameter row blocks (see the module docstring). Change masks and modes (prune, enter RESU or
+    QRESU) before this call; train with :class:`resu.ResuAdamW`, whose states stay per-shard.
+    """
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = kwargs.get("mesh")
+    if mesh is not None and mesh.ndim != 1:
+        raise ValueError("resu.distributed.fully_shard: only a 1-D `mesh` (plain FSDP, no HSDP) is supported")
+    world = mesh.size() if mesh is not None else dist.get_world_size()
+    rank = mesh.get_local_rank() if mesh is not None else dist.get_rank()
+    for name, p in module.named_parameters():
+        if isinstance(p, DTensor) or not isinstance(p, ResuParameter):
+            continue
+        if p.dim() == 0 or p.shape[0] % world:
+            raise ValueError(
+                f"resu.distributed.fully_shard: `{name}` has {p.shape[0] if p.dim() else 0} rows, not divisible by "
+                f"the {world} ranks it shards over; pad the layer's out_features to a multiple of {world} or leave "
+                "this weight dense (resu.sparsify_(model, filter_fn=...)) before sharding"
+            )
+    with row_sharding(rank):
+        out = torch_fully_shard(module, **kwargs)
+    for p in module.parameters():
+        if isinstance(p, DTensor) and isinstance(p._local_tensor, ResuParameter):
+            _give_storage(p._local_tensor)
+    return out
+
+
+__all__ = ["ShardInfo", "fully_shard", "post_all_gather", "pre_all_gather", "row_sharding", "row_slices", "shard_info"]
