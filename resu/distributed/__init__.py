@@ -4,10 +4,13 @@
   and all-reduces only trainable slots.
 - :func:`fully_shard`: FSDP2 with ResuParameters sharded by rows (packed codes, θ and mask bits
   all-gathered, never dense copies in QRESU mode); ResuAdamW keeps per-shard states.
+- :func:`get_state_dict` / :func:`set_state_dict`: ``torch.distributed.checkpoint`` of the model and
+  ResuAdamW in a canonical, row-sharded form that reshards (save on N ranks, load on M).
 - :func:`broadcast_module_`: make every rank's model equal to one rank's, masks and codes included.
 """
 
 from resu.distributed.broadcast import broadcast_module_
+from resu.distributed.dcp import get_state_dict, set_state_dict
 from resu.distributed.fsdp import fully_shard
 import resu.distributed.optim  # noqa: F401  (ResuAdamW over DTensor parameters)
 from resu.distributed.ddp import CompactAllReduceState, compact_allreduce_hook, trainable_flat_index, wrap_ddp
@@ -17,6 +20,8 @@ __all__ = [
     "broadcast_module_",
     "compact_allreduce_hook",
     "fully_shard",
+    "get_state_dict",
+    "set_state_dict",
     "trainable_flat_index",
     "wrap_ddp",
 ]

@@ -182,14 +182,14 @@ def _new_zeros(func, args, kwargs):
 
 @ATEN_OPS.implements(aten.slice.Tensor)
 def _slice(func, args, kwargs):
-    """A full-range ``narrow`` / slice is an alias of the ResuParameter (FSDP2 narrows its evenly padded
-    shards to their full length); any other slice reads the dense weight."""
+    """Within :func:`row_sharding`, a full-range ``narrow`` / slice is an alias of the ResuParameter
+    (FSDP2 narrows its evenly padded shards to their full length); any other slice reads the dense weight."""
     p = args[0]
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     start = args[2] if len(args) > 2 else kwargs.get("start", 0)
     end = args[3] if len(args) > 3 else kwargs.get("end")
     step = args[4] if len(args) > 4 else kwargs.get("step", 1)
-    if isinstance(p, ResuParameter) and step == 1 and start in (0, None):
+    if _RowSharding.active and isinstance(p, ResuParameter) and step == 1 and start in (0, None):
         size = p.shape[dim]
         if end is None or end >= size:
             return p._map_inner(lambda t, _: t)
