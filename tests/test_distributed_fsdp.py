@@ -91,6 +91,13 @@ def _fsdp_checks(rank: int, world: int) -> None:
     inputs, _ = shard.fsdp_pre_all_gather(None, None, None, None, MixedPrecisionPolicy())
     assert inputs[0].dtype == torch.uint8 and inputs[0].numel() == shard.numel() // 2
     assert not any(t.is_floating_point() and t.numel() >= shard.numel() for t in inputs)
+    train(model, rank, data[:1])
+    for module in (model.fc1, model.fc2):
+        for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+            # FSDP2's persistent flat data of a QRESU shard is its θ, not a dense copy.
+            local = fsdp_param.sharded_param._local_tensor
+            if isinstance(local, resu.ResuParameter):
+                assert fsdp_param._sharded_param_data.numel() == local.n_pruned
 
     # Mixed precision: bf16 compute, fp32 reduce; frozen parts stay bitwise frozen.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -176,6 +176,7 @@ def _new_zeros(func, args, kwargs):
     if _RowSharding.active and isinstance(p, ResuParameter) and len(shards) > _RowSharding.rank:
         mine = shards[_RowSharding.rank]
         if tuple(mine.shape) == tuple(size):
+            _give_storage(mine)
             return mine
     return _run_on_effective_weight(func, args, kwargs)
 
@@ -200,14 +201,24 @@ def _value_storage(p: ResuParameter):
     return getattr(p, p.resu_layout.inner_names[0]).untyped_storage()
 
 
-def _give_storage(local: ResuParameter) -> None:
-    """Let FSDP2's local shard answer ``untyped_storage()`` with its value tensor's storage.
+def _flat_value_view(p: ResuParameter, *shape):
+    """``view(-1)`` of an FSDP2 local QRESU shard: its θ (the one value tensor it stores), not a dense
+    dequantized copy that FSDP2 would keep for the whole run as the shard's "flat data"."""
+    if p.mode is ResuMode.QRESU and tuple(shape) in ((-1,), ((-1,),)):
+        return p._theta.view(-1)
+    return torch.Tensor.view(p, *shape)
 
-    FSDP2 compares storage pointers of the local shard and its flat view when it re-pads shards (after
-    ``load_state_dict``, ``model.to``); a wrapper subclass has no storage of its own. Only the local
-    shards FSDP2 holds get this (an instance attribute), so ResuParameters elsewhere are unchanged.
+
+def _give_storage(local: ResuParameter) -> None:
+    """Let FSDP2's local shard answer ``untyped_storage()`` (and ``view(-1)``) with its value tensor.
+
+    FSDP2 keeps ``shard.view(-1)`` as the shard's flat data and compares its storage with the shard's
+    when it re-pads shards (lazy init, ``load_state_dict``, ``model.to``); a wrapper subclass has no
+    storage of its own. Only the local shards FSDP2 holds get these (instance attributes), so
+    ResuParameters elsewhere are unchanged.
     """
     local.untyped_storage = types.MethodType(_value_storage, local)
+    local.view = types.MethodType(_flat_value_view, local)
 
 
 @ATEN_OPS.implements(aten.as_strided.default)
