@@ -7,6 +7,7 @@ with that rank's traceback.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -22,10 +23,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+def _entry(rank: int, world_size: int, port: int, fn, args, timeout_s: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -33,6 +34,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_spawned(fn, *args, world_size: int = 2) -> None:
-    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes joined by gloo."""
-    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+def run_spawned(fn, *args, world_size: int = 2, timeout_s: float = 120.0) -> None:
+    """``fn(rank, world_size, *args)`` on ``world_size`` spawned processes joined by gloo (collectives
+    time out after ``timeout_s``)."""
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args, timeout_s), nprocs=world_size, join=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -15,6 +16,7 @@ import resu
 from resu.distributed import get_state_dict, set_state_dict
 from dist_models import MODES, batches, effective, tiny_model
 from dist_spawn import run_spawned
+from torch.multiprocessing import ProcessExitedException
 from test_distributed_fsdp import ELEMENTWISE, full_weights, sharded_model
 
 LR = dict(lr=1e-2, weight_decay=0.1)
@@ -89,3 +91,50 @@ def _dcp_checks(rank: int, world: int, root: str) -> None:
 
 def test_dcp_save_resume_reshard(tmp_path):
     run_spawned(_dcp_checks, str(tmp_path))
+
+
+KILLED_AT = 3  # the step during which rank 1 dies (after its forward)
+
+
+def _train_until_killed(rank: int, world: int, root: str) -> None:
+    """Every mode: 2 steps, a checkpoint, then step 3; in the last mode rank 1 dies inside step 3."""
+    data = batches(4)
+    for mode in MODES:
+        model = sharded_model(mode)
+        opt = resu.ResuAdamW(model.parameters(), **LR)
+        for i, (x, y) in enumerate(data, start=1):
+            if i == KILLED_AT:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(root, mode))
+            loss = F.mse_loss(model(x[rank::2]), y[rank::2])
+            if i == KILLED_AT and mode == MODES[-1] and rank == 1:
+                os._exit(3)  # killed mid-step: rank 0 is left waiting in the backward's collectives
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if i == KILLED_AT:
+                break
+
+
+def _resume_matches_uninterrupted(rank: int, world: int, root: str) -> None:
+    data = batches(4)
+    for mode in MODES:
+        model = sharded_model(mode)
+        opt = resu.ResuAdamW(model.parameters(), **LR)
+        for x, y in data:
+            _step(model, opt, x[rank::2], y[rank::2])
+        uninterrupted = full_weights(model)
+
+        resumed = sharded_model(mode)
+        ropt = resu.ResuAdamW(resumed.parameters(), **LR)
+        _load(resumed, ropt, os.path.join(root, mode))
+        for x, y in data[KILLED_AT - 1:]:
+            _step(resumed, ropt, x[rank::2], y[rank::2])
+        for name, w in full_weights(resumed).items():
+            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs from the uninterrupted run"
+
+
+def test_dcp_resume_after_a_rank_is_killed(tmp_path):
+    with pytest.raises(ProcessExitedException, match="exit code 3"):
+        run_spawned(_train_until_killed, str(tmp_path), timeout_s=20.0)
+    run_spawned(_resume_matches_uninterrupted, str(tmp_path))
