@@ -1,5 +1,6 @@
 """torch.distributed.checkpoint with ResuParameters and ResuAdamW, every mode (gloo, 2 CPU processes):
-save under FSDP2 on 2 ranks, resume there bitwise, load in 1 process (no FSDP) and save back to 2 ranks.
+save under FSDP2 on 2 ranks, resume there bitwise (also after a rank was killed mid-step), load in 1
+process (no FSDP) and save back to 2 ranks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,30 @@ def _load(model, opt, path: str, **kwargs) -> None:
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
-def _dcp_checks(rank: int, world: int, root: str) -> None:
+KILLED_AT = 3  # the step during which rank 1 dies (after its forward)
+
+
+def _train_until_killed(rank: int, world: int, root: str) -> None:
+    """Every mode: 2 steps, a checkpoint, then step 3; in the last mode rank 1 dies inside step 3."""
+    data = batches(4)
+    for mode in MODES:
+        model = sharded_model(mode)
+        opt = resu.ResuAdamW(model.parameters(), **LR)
+        for i, (x, y) in enumerate(data, start=1):
+            if i == KILLED_AT:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(root, mode))
+            loss = F.mse_loss(model(x[rank::2]), y[rank::2])
+            if i == KILLED_AT and mode == MODES[-1] and rank == 1:
+                os._exit(3)  # killed mid-step: rank 0 is left waiting in the backward's collectives
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if i == KILLED_AT:
+                break
+
+
+def _dcp_checks(rank: int, world: int, root: str, killed: str) -> None:
     data = batches(3)
     for mode in MODES:
         saved_2, saved_1 = os.path.join(root, mode, "two_ranks"), os.path.join(root, mode, "one_rank")
@@ -63,6 +87,14 @@ def _dcp_checks(rank: int, world: int, root: str) -> None:
         for name, w in full_weights(resumed).items():
             assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs after the resumed step"
 
+        # Resume from the checkpoint of the run whose rank 1 was killed during step 3: bitwise.
+        after_kill = sharded_model(mode)
+        kopt = resu.ResuAdamW(after_kill.parameters(), **LR)
+        _load(after_kill, kopt, os.path.join(killed, mode))
+        _step(after_kill, kopt, x[rank::2], y[rank::2])
+        for name, w in full_weights(after_kill).items():
+            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs after resuming the killed run"
+
         # Reshard 2 -> 1: rank 0 loads into a plain model (no FSDP), checks it, steps, saves from 1 rank.
         if rank == 0:
             single = tiny_model(mode, seed=1, select_ratio=ELEMENTWISE)
@@ -90,51 +122,7 @@ def _dcp_checks(rank: int, world: int, root: str) -> None:
 
 
 def test_dcp_save_resume_reshard(tmp_path):
-    run_spawned(_dcp_checks, str(tmp_path))
-
-
-KILLED_AT = 3  # the step during which rank 1 dies (after its forward)
-
-
-def _train_until_killed(rank: int, world: int, root: str) -> None:
-    """Every mode: 2 steps, a checkpoint, then step 3; in the last mode rank 1 dies inside step 3."""
-    data = batches(4)
-    for mode in MODES:
-        model = sharded_model(mode)
-        opt = resu.ResuAdamW(model.parameters(), **LR)
-        for i, (x, y) in enumerate(data, start=1):
-            if i == KILLED_AT:
-                msd, osd = get_state_dict(model, opt)
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(root, mode))
-            loss = F.mse_loss(model(x[rank::2]), y[rank::2])
-            if i == KILLED_AT and mode == MODES[-1] and rank == 1:
-                os._exit(3)  # killed mid-step: rank 0 is left waiting in the backward's collectives
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if i == KILLED_AT:
-                break
-
-
-def _resume_matches_uninterrupted(rank: int, world: int, root: str) -> None:
-    data = batches(4)
-    for mode in MODES:
-        model = sharded_model(mode)
-        opt = resu.ResuAdamW(model.parameters(), **LR)
-        for x, y in data:
-            _step(model, opt, x[rank::2], y[rank::2])
-        uninterrupted = full_weights(model)
-
-        resumed = sharded_model(mode)
-        ropt = resu.ResuAdamW(resumed.parameters(), **LR)
-        _load(resumed, ropt, os.path.join(root, mode))
-        for x, y in data[KILLED_AT - 1:]:
-            _step(resumed, ropt, x[rank::2], y[rank::2])
-        for name, w in full_weights(resumed).items():
-            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs from the uninterrupted run"
-
-
-def test_dcp_resume_after_a_rank_is_killed(tmp_path):
+    killed = str(tmp_path / "killed")
     with pytest.raises(ProcessExitedException, match="exit code 3"):
-        run_spawned(_train_until_killed, str(tmp_path), timeout_s=20.0)
-    run_spawned(_resume_matches_uninterrupted, str(tmp_path))
+        run_spawned(_train_until_killed, killed, timeout_s=20.0)
+    run_spawned(_dcp_checks, str(tmp_path), killed)
