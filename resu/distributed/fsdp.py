@@ -313,11 +313,14 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
         inner = {"_weight": outputs[0], "_mask_storage": mask}
     if out is not None:
         # A later all-gather into the same full weight: the views already see the new data; copy the rest.
+        # The copy keeps version counters, as FSDP2 does for its own buffers: a backward that saved these
+        # tensors (a compiled block re-gathered in backward) reads the same values again.
         out._mask_storage = mask
         for name, t in inner.items():
             mine = getattr(out, name)
             if name != "_mask_storage" and mine.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-                mine.copy_(t)
+                with torch.autograd._unsafe_preserve_version_counter(mine):
+                    mine.copy_(t)
         return None
     return ResuParameter(full, inner, shape=shape), tuple(owned)
 
