@@ -75,6 +75,9 @@ def _fsdp_checks(rank: int, world: int) -> None:
         frozen = local_frozen(model)
         opt = train(model, rank, data)
         assert_close_to(full_weights(model), reference(mode, data, select_ratio=ELEMENTWISE), f"FSDP2 {mode}")
+        # The reduce-scatter sent the trainable slots (half the weight's at s = 0.5) and the bias whole.
+        comm = model.fc1._get_fsdp_state()._fsdp_param_groups[0]._reduce_scatter_comm
+        assert comm.last_dense == 16 * 8 + 16 and comm.last_sent == 16 * 8 // 2 + 16, (mode, comm.last_sent)
         for name, parts in frozen.items():
             now = local_frozen(model)[name]
             assert all(torch.equal(a, b) for a, b in zip(parts, now)), f"{mode}: frozen part of {name} moved"

@@ -3,7 +3,8 @@
 - :func:`wrap_ddp` / :func:`compact_allreduce_hook`: DDP that broadcasts ResuParameters as they are
   and all-reduces only trainable slots.
 - :func:`fully_shard`: FSDP2 with ResuParameters sharded by rows (packed codes, θ and mask bits
-  all-gathered, never dense copies in QRESU mode); ResuAdamW keeps per-shard states.
+  all-gathered, never dense copies in QRESU mode; gradients reduce-scattered as trainable slots);
+  ResuAdamW keeps per-shard states.
 - :func:`get_state_dict` / :func:`set_state_dict`: ``torch.distributed.checkpoint`` of the model and
   ResuAdamW in a canonical, row-sharded form that reshards (save on N ranks, load on M).
 - :func:`broadcast_module_`: make every rank's model equal to one rank's, masks and codes included.

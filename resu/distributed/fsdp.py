@@ -11,8 +11,9 @@ FSDP2 keeps the shard as the local tensor of a DTensor parameter, and before eac
   the gathered tensors (views where the rank segments line up, else reassembled).
 
 So the all-gather moves what the weight stores: packed codes, scales, θ and mask bits in QRESU mode,
-never a dense copy. The gradient of the full weight is a CompactGrad; FSDP2 reduce-scatters it as a
-dense-shaped gradient (its frozen slots are zeros) and hands each rank the gradient of its rows.
+never a dense copy. The gradient of the full weight is a CompactGrad; it enters FSDP2's reduce-scatter
+buffer in its dense shape (zeros at frozen slots), and :mod:`resu.distributed.reduce_scatter` sends
+only its trainable slots; each rank gets the gradient of its rows.
 
 Each shard's sizes on every rank (θ counts) are known only while the full weight is at hand (in
 ``fully_shard``), so they are recorded in a table keyed by the shard's layout id; a mask or mode
@@ -35,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401  (registers torch.ops.fsdp.*)
 import torch.nn as nn
 
+from resu.distributed.reduce_scatter import install_compact_reduce_scatter
 from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.compact_grad import CompactGrad
 from resu.tensors.compact_grad import implements as compact_grad_op
@@ -326,13 +328,15 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
 
 
 # ---------------------------------------------------------------------- fully_shard
-def fully_shard(module: nn.Module, **kwargs):
+def fully_shard(module: nn.Module, *, compact_reduce_scatter: bool = True, **kwargs):
     """``torch.distributed.fsdp.fully_shard(module, **kwargs)`` for modules holding ResuParameters.
 
     Checks that every ResuParameter not yet sharded has a first dimension divisible by the mesh size
     (FSDP2 pads uneven shards, which a masked weight cannot share storage with), then shards each into
-    ResuParameter row blocks (see the module docstring). Change masks and modes (prune, enter RESU or
-    QRESU) before this call; train with :class:`resu.ResuAdamW`, whose states stay per-shard.
+    ResuParameter row blocks (see the module docstring). With ``compact_reduce_scatter`` (default),
+    gradients are reduce-scattered as their trainable slots only
+    (:class:`~resu.distributed.reduce_scatter.CompactReduceScatter`). Change masks and modes (prune,
+    enter RESU or QRESU) before this call; train with :class:`resu.ResuAdamW`, whose states stay per-shard.
     """
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
     from torch.distributed.tensor import DTensor
@@ -356,6 +360,8 @@ def fully_shard(module: nn.Module, **kwargs):
     for p in module.parameters():
         if isinstance(p, DTensor) and isinstance(p._local_tensor, ResuParameter):
             _give_storage(p._local_tensor)
+    if compact_reduce_scatter:
+        install_compact_reduce_scatter(module)
     return out
 
 
