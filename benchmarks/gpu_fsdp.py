@@ -226,8 +226,7 @@ def run_config(cfg, mode, sparsity, args, device) -> dict:
         "persistent_bytes_per_gpu": stored, "held_bytes_per_gpu": held, "peak_bytes_per_gpu": _peak(device),
         "loss": loss.item(),
     }
-    del model, opt
-    return result
+    return result  # the model, optimizer and step closure are freed with this frame
 
 
 # ---------------------------------------------------------------------- driver

@@ -10,11 +10,22 @@
 - :func:`broadcast_module_`: make every rank's model equal to one rank's, masks and codes included.
 """
 
+import importlib
+
 from resu.distributed.broadcast import broadcast_module_
-from resu.distributed.dcp import get_state_dict, set_state_dict
-from resu.distributed.fsdp import fully_shard
-import resu.distributed.optim  # noqa: F401  (ResuAdamW over DTensor parameters)
 from resu.distributed.ddp import CompactAllReduceState, compact_allreduce_hook, trainable_flat_index, wrap_ddp
+
+# FSDP2 and DCP pull in torch.distributed.fsdp / checkpoint / tensor (most of a second at import):
+# their entry points load on first use.
+_LAZY = {"fully_shard": "resu.distributed.fsdp", "get_state_dict": "resu.distributed.dcp",
+         "set_state_dict": "resu.distributed.dcp"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'resu.distributed' has no attribute {name!r}")
+
 
 __all__ = [
     "CompactAllReduceState",

@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401  (registers torch.ops.fsdp.*)
 import torch.nn as nn
 
+from resu.distributed.optim import ensure_step_hooks
 from resu.distributed.reduce_scatter import install_compact_reduce_scatter
 from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.compact_grad import CompactGrad
@@ -44,7 +45,7 @@ from resu.tensors.layout import ResuLayout, new_layout_id
 from resu.tensors.mask_kernels import MaskEncoding
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import pack, unpack
-from resu.tensors.resu_parameter import ATEN_OPS, ResuParameter, run_without_subclass  # noqa: F401
+from resu.tensors.resu_parameter import ATEN_OPS, ResuParameter
 from resu.tensors.resu_ops import _run_on_effective_weight
 
 aten = torch.ops.aten
@@ -355,6 +356,7 @@ def fully_shard(module: nn.Module, *, compact_reduce_scatter: bool = True, **kwa
                 f"the {world} ranks it shards over; pad the layer's out_features to a multiple of {world} or leave "
                 "this weight dense (resu.sparsify_(model, filter_fn=...)) before sharding"
             )
+    ensure_step_hooks()
     with row_sharding(rank):
         out = torch_fully_shard(module, **kwargs)
     for p in module.parameters():

@@ -4,7 +4,8 @@ FSDP2 gives the optimizer DTensor parameters whose local tensors are the rank's 
 ResuParameter shard for a ResuParameter), with DTensor gradients. ResuAdamW works on local tensors:
 around each :meth:`~resu.ResuAdamW.step` of an optimizer holding DTensors, a step pre-hook puts each
 DTensor's local shard (with its local gradient) in its place and moves its state under it, and the
-post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
+post-hook puts everything back (global optimizer hooks, registered by the first
+:func:`resu.distributed.fully_shard`; they return at once for other optimizers). States are thus local compact vectors of the rank's slots: nothing
 is ever gathered. :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -54,7 +54,14 @@ def _to_dtensor(opt, args, kwargs) -> None:
         params[i] = p
 
 
-register_optimizer_step_pre_hook(_to_local)
-register_optimizer_step_post_hook(_to_dtensor)
+_HOOKS: list = []
 
-__all__: list = []
+
+def ensure_step_hooks() -> None:
+    """Register the step pre/post hooks once (done by :func:`resu.distributed.fully_shard`)."""
+    if not _HOOKS:
+        _HOOKS.append(register_optimizer_step_pre_hook(_to_local))
+        _HOOKS.append(register_optimizer_step_post_hook(_to_dtensor))
+
+
+__all__ = ["ensure_step_hooks"]
