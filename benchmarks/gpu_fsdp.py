@@ -238,10 +238,11 @@ def worker(rank: int, world: int, port: int, args) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     use_cuda = torch.cuda.is_available() and not args.smoke
     if use_cuda:
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    torch.set_num_threads(1) if not use_cuda else None
+    if not use_cuda:
+        torch.set_num_threads(1)
     cfg = SMOKE if args.smoke else ONE_B
     results = []
     try:
