@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 
 import resu
 from resu.distributed import fully_shard
-from dist_models import MODES, assert_close_to, batches, effective, reference, tiny_model
+from dist_models import MODES, Mlp, assert_close_to, batches, effective, reference, tiny_model
 from dist_spawn import run_spawned
 
 STEPS = 3
@@ -87,6 +87,21 @@ def _fsdp_checks(rank: int, world: int) -> None:
             n_slots = shard.n_pruned if mode != "sparse" else shard.numel() - shard.n_pruned
             assert opt.state[p]["exp_avg"].shape == (n_slots,), mode
             assert isinstance(opt.state[p]["exp_avg"], torch.Tensor) and not isinstance(opt.state[p]["exp_avg"], DTensor)
+
+    # A model without ResuParameters, sharded by torch's own fully_shard: ResuAdamW trains it as AdamW.
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    torch.manual_seed(0)
+    plain, plain_ref = Mlp(), Mlp()
+    plain_ref.load_state_dict(plain.state_dict())
+    torch_fully_shard(plain)
+    train(plain, rank, data)
+    opt = resu.ResuAdamW(plain_ref.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in data:
+        F.mse_loss(plain_ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_to(full_weights(plain), plain_ref, "torch fully_shard, plain model")
 
     # QRESU: the all-gather moves packed codes, scales, θ and mask bits, no dense weight.
     model = sharded_model("qresu")

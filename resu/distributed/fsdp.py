@@ -36,7 +36,6 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401  (registers torch.ops.fsdp.*)
 import torch.nn as nn
 
-from resu.distributed.optim import ensure_step_hooks
 from resu.distributed.reduce_scatter import install_compact_reduce_scatter
 from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.compact_grad import CompactGrad
@@ -356,7 +355,6 @@ def fully_shard(module: nn.Module, *, compact_reduce_scatter: bool = True, **kwa
                 f"the {world} ranks it shards over; pad the layer's out_features to a multiple of {world} or leave "
                 "this weight dense (resu.sparsify_(model, filter_fn=...)) before sharding"
             )
-    ensure_step_hooks()
     with row_sharding(rank):
         out = torch_fully_shard(module, **kwargs)
     for p in module.parameters():
