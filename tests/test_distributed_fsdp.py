@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import fully_shard as torch_fully_shard
 from torch.distributed.tensor import DTensor
 
 import resu
@@ -88,9 +89,15 @@ def _fsdp_checks(rank: int, world: int) -> None:
             assert opt.state[p]["exp_avg"].shape == (n_slots,), mode
             assert isinstance(opt.state[p]["exp_avg"], torch.Tensor) and not isinstance(opt.state[p]["exp_avg"], DTensor)
 
-    # A model without ResuParameters, sharded by torch's own fully_shard: ResuAdamW trains it as AdamW.
-    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+    # Torch's own fully_shard on ResuParameters would drop masks and modes: refused, naming the fix.
+    try:
+        torch_fully_shard(tiny_model("resu").fc1)
+    except RuntimeError as exc:
+        assert "resu.distributed.fully_shard" in str(exc)
+    else:
+        raise AssertionError("torch's fully_shard on a RESU weight was not refused")
 
+    # A model without ResuParameters, sharded by torch's own fully_shard: ResuAdamW trains it as AdamW.
     torch.manual_seed(0)
     plain, plain_ref = Mlp(), Mlp()
     plain_ref.load_state_dict(plain.state_dict())

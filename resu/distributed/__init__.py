@@ -13,6 +13,7 @@
 import importlib
 
 import resu.distributed.optim  # noqa: F401  (ResuAdamW over FSDP2's DTensor parameters)
+import resu.distributed.row_shards  # noqa: F401  (ResuParameter ops fully_shard calls; refuses torch's own on one)
 from resu.distributed.broadcast import broadcast_module_
 from resu.distributed.ddp import CompactAllReduceState, compact_allreduce_hook, trainable_flat_index, wrap_ddp
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint import state_dict as torch_sd
 from torch.distributed.tensor import DTensor, Shard
 
-from resu.distributed.fsdp import ShardInfo, _SHARDS
+from resu.distributed.row_shards import _SHARDS, ShardInfo
 from resu.optim.selection_config import SelectionConfig
 from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.layout import ResuLayout, new_layout_id
