@@ -43,6 +43,7 @@ from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import pack, unpack
 from resu.tensors.resu_parameter import ResuParameter
 
+
 @compact_grad_op(torch.ops.fsdp.chunk_cat.default)
 def _chunk_cat(func, args, kwargs):
     """FSDP2's reduce-scatter copy-in: a CompactGrad enters the dense buffer with zeros at its frozen slots."""
