@@ -97,3 +97,17 @@ def test_mask_rows_pack_and_unpack():
         packed = pack_mask_rows(pruned)
         assert packed.shape == (5, -(-cols // 8)) and packed.dtype == torch.uint8
         assert torch.equal(unpack_mask_rows(packed, cols), pruned)
+
+
+@pytest.mark.parametrize("mode,quant", [("resu", {}), ("qresu", dict(bits=4, scheme="per_channel"))])
+def test_copying_equal_values_into_a_resu_weight_changes_nothing_and_other_values_are_refused(mode, quant):
+    # DDP's initial broadcast copies each replica's own (equal) values back: allowed, a no-op. Any
+    # other dense values would move frozen weights: refused as before, naming broadcast_module_.
+    p = weight(mode, quant, rows=6, cols=5, seed=1)
+    inner = {name: t.clone() for name, t in p._inner().items()}
+    with torch.no_grad():
+        p.copy_(p.effective_weight().clone())
+    assert all(torch.equal(t, getattr(p, name)) for name, t in inner.items())
+    with pytest.raises(RuntimeError, match="broadcast_module_"), torch.no_grad():
+        p.copy_(p.effective_weight() + 1.0)
+    assert all(torch.equal(t, getattr(p, name)) for name, t in inner.items())
