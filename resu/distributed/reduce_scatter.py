@@ -9,8 +9,9 @@ chunk's trainable positions into a compact buffer (padded to the largest chunk's
 reduce-scatters that, and scatters each rank's result back into its dense chunk (zeros elsewhere).
 Plain parameters are sent whole.
 
-The positions come from the masks of the full weights, which every rank holds while the module is
-unsharded; they are computed once per set of masks (masks do not change under FSDP2).
+The positions come from the masks of the full weights (every rank keeps the full weight's mask bits
+from the last all-gather), rebuilt at each call; only their counts are cached, so no call after the
+first reads anything back to the host.
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ except ImportError:  # pragma: no cover - older torch: fully_shard keeps its den
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _trainable_rows(full: torch.Tensor, rank: int, world: int, padded_numel: int, device) -> torch.Tensor:
-    """Positions, within rank ``rank``'s padded shard of ``full``, of the slots that train."""
+def _trainable_flags(full: torch.Tensor, rank: int, world: int, padded_numel: int, device) -> torch.Tensor:
+    """Bool over rank ``rank``'s padded shard of ``full``: True at the slots that train."""
     if not isinstance(full, ResuParameter) or full.mode is ResuMode.DENSE:
-        return torch.arange(padded_numel, device=device)
+        return torch.ones(padded_numel, dtype=torch.bool, device=device)
     rows = full.shape[0] // world
     cols = full.numel() // full.shape[0]
     pruned = full._pruned_bool().view(full.shape[0], cols)[rank * rows:(rank + 1) * rows].reshape(-1)
     keep = pruned if full.mode.trains_theta else ~pruned
-    return keep.nonzero().reshape(-1).to(device)
+    if keep.numel() < padded_numel:
+        keep = torch.cat([keep, keep.new_zeros(padded_numel - keep.numel())])
+    return keep.to(device)
 
 
 class CompactReduceScatter(_ReduceScatterBase or object):
@@ -51,9 +54,7 @@ class CompactReduceScatter(_ReduceScatterBase or object):
 
     def __init__(self, fsdp_params: list) -> None:
         self.fsdp_params = list(fsdp_params)
-        self._plan_key: Optional[tuple] = None
-        self._index: Optional[torch.Tensor] = None  # (world, n_max) positions in each chunk
-        self._valid: Optional[torch.Tensor] = None  # (world, n_max) bool: a real position, not padding
+        self._counts_key: Optional[tuple] = None
         self._counts: list[int] = []
         #: elements sent by the last call, and what FSDP2's dense reduce-scatter would have sent
         self.last_sent = 0
@@ -62,42 +63,37 @@ class CompactReduceScatter(_ReduceScatterBase or object):
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
-    def _plan(self, world: int, device) -> None:
-        fulls = [fp._unsharded_param if hasattr(fp, "_unsharded_param") else None for fp in self.fsdp_params]
-        key = tuple(
-            (id(f), f.resu_layout.layout_id if isinstance(f, ResuParameter) else 0, world) for f in fulls
-        )
-        if key == self._plan_key:
-            return
+    def _trainable(self, world: int, device) -> torch.Tensor:
+        """(world, chunk) bool: True where a chunk position trains. Rebuilt at each call from the full
+        weights' masks (a cache of positions would hold 8 bytes per trainable slot for the whole run)."""
+        fulls = [getattr(fp, "_unsharded_param", None) for fp in self.fsdp_params]
         per_rank = []
         for r in range(world):
-            pieces, offset = [], 0
-            for fp, full in zip(self.fsdp_params, fulls):
-                padded = fp.padded_sharded_param_size.numel()
-                pieces.append(offset + _trainable_rows(full, r, world, padded, device))
-                offset += padded
-            per_rank.append(torch.cat(pieces))
-        self._counts = [int(p.numel()) for p in per_rank]
-        n_max = max(self._counts)
-        self._index = torch.zeros(world, n_max, dtype=torch.int64, device=device)
-        self._valid = torch.zeros(world, n_max, dtype=torch.bool, device=device)
-        for r, positions in enumerate(per_rank):
-            self._index[r, : positions.numel()] = positions
-            self._valid[r, : positions.numel()] = True
-        self._plan_key = key
+            per_rank.append(torch.cat([
+                _trainable_flags(full, r, world, fp.padded_sharded_param_size.numel(), device)
+                for fp, full in zip(self.fsdp_params, fulls)
+            ]))
+        key = tuple((id(f), f.resu_layout.layout_id if isinstance(f, ResuParameter) else 0) for f in fulls) + (world,)
+        return torch.stack(per_rank), key
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        self._plan(world, input_tensor.device)
+        trainable, key = self._trainable(world, input_tensor.device)
+        if key != self._counts_key:  # one host read per set of masks; later calls never sync
+            self._counts, self._counts_key = trainable.sum(dim=1).tolist(), key
         chunks = input_tensor.view(world, -1)
-        send = torch.where(self._valid, chunks.gather(1, self._index), 0).contiguous()
+        send = input_tensor.new_zeros(world, max(self._counts))
+        for r, n in enumerate(self._counts):
+            index = torch.nonzero_static(trainable[r], size=n).reshape(n)
+            send[r, :n] = chunks[r].index_select(0, index)
+            if r == rank:
+                mine = index
         recv = send.new_empty(send.shape[1])
         self.last_sent, self.last_dense = send.numel(), input_tensor.numel()
         _reduce_scatter(recv, send.view(-1), op=op, group=group)
-        n = self._counts[rank]
         output_tensor.zero_()
-        output_tensor.index_copy_(0, self._index[rank, :n], recv[:n])
+        output_tensor.index_copy_(0, mine, recv[: self._counts[rank]])
         return None
 
 
