@@ -13,6 +13,7 @@
     resu.exit_resu_(model, commit=True)
 """
 
+from resu import distributed
 from resu.api.adopt import adopt_zeros_
 from resu.api.commit import CommitStats, commit_
 from resu.api.prune import prune_
@@ -56,6 +57,7 @@ __all__ = [
     "capture_reference",
     "commit_",
     "densify_",
+    "distributed",
     "enter_qresu_",
     "enter_resu_",
     "exit_qresu_",

@@ -147,12 +147,23 @@ def _copy_(func, args, kwargs):
         _adopt_copy(dst, src)
         return dst
     if dst.mode.trains_theta:
+        if _same_as_effective(dst, src):
+            return dst  # a no-op write (DDP's initial broadcast between identical replicas): nothing frozen moves
         raise RuntimeError(
             f"copying a plain tensor into a ResuParameter in {dst.mode.name} mode (load_state_dict of a dense "
             "checkpoint?) would overwrite its frozen active weights and θ. Load it before resu.enter_resu_ / "
-            "resu.enter_qresu_, or load a state_dict saved from a model with ResuParameters (it carries mode and mask)."
+            "resu.enter_qresu_, or load a state_dict saved from a model with ResuParameters (it carries mode and mask). "
+            "Replicas that differ (DDP's initial broadcast): call resu.distributed.broadcast_module_(model) first."
         )
     return _run_on_effective_weight(func, args, kwargs)
+
+
+def _same_as_effective(dst: ResuParameter, src) -> bool:
+    """True when the plain tensor ``src`` holds exactly ``dst``'s effective weight (copying it changes nothing)."""
+    if not isinstance(src, torch.Tensor) or (src.shape, src.dtype, src.device) != (dst.shape, dst.dtype, dst.device):
+        return False
+    with torch.no_grad():
+        return bool(torch.equal(src, dst.effective_weight()))
 
 
 def _adopt_copy(dst: ResuParameter, src: ResuParameter) -> None:

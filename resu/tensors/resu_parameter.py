@@ -377,6 +377,19 @@ class ResuParameter(torch.Tensor):
         it, and its active slots are restored bitwise afterwards (see :mod:`resu.tensors.resu_ops`)."""
         return self.mode is ResuMode.RESU and self._layout.write_policy is WritePolicy.RESTORE_ACTIVE
 
+    # ------------------------------------------------------------------ FSDP2 extension points
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """FSDP2's all-gather input: this row shard's stored tensors (see :mod:`resu.distributed.fsdp`)."""
+        from resu.distributed.fsdp import pre_all_gather
+
+        return pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        """FSDP2's all-gather output: the full weight on the gathered tensors (see :mod:`resu.distributed.fsdp`)."""
+        from resu.distributed.fsdp import post_all_gather
+
+        return post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
     # ------------------------------------------------------------------ interception
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -1,0 +1,79 @@
+"""ResuAdamW over FSDP2's DTensor parameters: each rank steps its own shard, states stay per-shard.
+
+FSDP2 gives the optimizer DTensor parameters whose local tensors are the rank's row shards (a
+ResuParameter shard for a ResuParameter), with DTensor gradients. ResuAdamW works on local tensors:
+around each :meth:`~resu.ResuAdamW.step` of an optimizer holding DTensors, a step pre-hook puts each
+DTensor's local shard (with its local gradient) in its place and moves its state under it, and the
+post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
+is ever gathered. :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
+
+The hooks are global optimizer hooks, registered when :mod:`resu.distributed` is imported (``import
+resu`` does): they return at once for other optimizers, and before DTensor is even imported.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+_SWAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _is_resu_adamw(opt) -> bool:
+    from resu.optim.resu_adamw import ResuAdamW
+
+    return isinstance(opt, ResuAdamW)
+
+
+def _dtensor_type():
+    """DTensor, if its module is loaded (no DTensor can exist otherwise); None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def _to_local(opt, args, kwargs) -> None:
+    DTensor = _dtensor_type()
+    if DTensor is None or not _is_resu_adamw(opt):
+        return
+    swapped = []
+    for group in opt.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            if not isinstance(p, DTensor):
+                continue
+            local = p._local_tensor
+            grad = p.grad
+            local.grad = None if grad is None else grad._local_tensor
+            if p in opt.state:
+                opt.state[local] = opt.state.pop(p)
+            params[i] = local
+            swapped.append((params, i, p, local))
+    if swapped:
+        _SWAPPED[opt] = swapped
+
+
+def _to_dtensor(opt, args, kwargs) -> None:
+    swapped = _SWAPPED.pop(opt, None) if _is_resu_adamw(opt) else None
+    for params, i, p, local in swapped or ():
+        if local in opt.state:
+            opt.state[p] = opt.state.pop(local)
+        local.grad = None
+        params[i] = p
+
+
+_HOOKS: list = []
+
+
+def ensure_step_hooks() -> None:
+    """Register the step pre/post hooks once."""
+    if not _HOOKS:
+        _HOOKS.append(register_optimizer_step_pre_hook(_to_local))
+        _HOOKS.append(register_optimizer_step_post_hook(_to_dtensor))
+
+
+__all__ = ["ensure_step_hooks"]
+
+
+ensure_step_hooks()

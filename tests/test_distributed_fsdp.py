@@ -1,0 +1,151 @@
+"""FSDP2 (``fully_shard``, gloo, 2 CPU processes) with ResuParameters in every mode.
+
+One spawned run does every check: starting processes dominates the cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import fully_shard as torch_fully_shard
+from torch.distributed.tensor import DTensor
+
+import resu
+from resu.distributed import fully_shard
+from dist_models import MODES, Mlp, assert_close_to, batches, effective, reference, tiny_model
+from dist_spawn import run_spawned
+
+STEPS = 3
+
+
+# RESU-Selective's top-k runs per shard under FSDP2 (k is a fraction of the shard's θ slots), so the
+# comparison with one process uses the elementwise criterion only (screen and select ratios 1).
+ELEMENTWISE = 1.0
+
+
+def sharded_model(mode: str, **kwargs):
+    model = tiny_model(mode, seed=0, select_ratio=ELEMENTWISE)
+    fully_shard(model.fc1, **kwargs)
+    fully_shard(model.fc2, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def train(model, rank: int, data: list, compiled=None) -> resu.ResuAdamW:
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    run = compiled or model
+    for x, y in data:
+        F.mse_loss(run(x[rank::2]), y[rank::2]).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def full_weights(model) -> dict:
+    """Every parameter's full effective weight, assembled from the ranks' local shards."""
+    out = {}
+    for name, p in model.named_parameters():
+        local = effective(p._local_tensor if isinstance(p, DTensor) else p).contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        out[name] = torch.cat(parts)
+    return out
+
+
+def local_frozen(model) -> dict:
+    """Each local shard's frozen parts (active values; or codes, scales and mask)."""
+    out = {}
+    for name, p in model.named_parameters():
+        local = p._local_tensor
+        if isinstance(local, resu.ResuParameter) and local.mode is resu.ResuMode.RESU:
+            out[name] = [local.effective_weight()[local.active_mask].clone()]
+        elif isinstance(local, resu.ResuParameter) and local.mode is resu.ResuMode.QRESU:
+            out[name] = [t.clone() for t in (local._qdata, local._qscale, local._qzero, local._mask_storage)]
+    return out
+
+
+def _fsdp_checks(rank: int, world: int) -> None:
+    data = batches(STEPS)
+    for mode in MODES:
+        model = sharded_model(mode)
+        local = model.fc1.weight._local_tensor
+        assert isinstance(model.fc1.weight, DTensor) and isinstance(local, resu.ResuParameter)
+        assert local.shape == (8, 8) and local.mode is tiny_model(mode).fc1.weight.mode
+        frozen = local_frozen(model)
+        opt = train(model, rank, data)
+        assert_close_to(full_weights(model), reference(mode, data, select_ratio=ELEMENTWISE), f"FSDP2 {mode}")
+        # The reduce-scatter sent the trainable slots (half the weight's at s = 0.5) and the bias whole.
+        comm = model.fc1._get_fsdp_state()._fsdp_param_groups[0]._reduce_scatter_comm
+        assert comm.last_dense == 16 * 8 + 16 and comm.last_sent == 16 * 8 // 2 + 16, (mode, comm.last_sent)
+        for name, parts in frozen.items():
+            now = local_frozen(model)[name]
+            assert all(torch.equal(a, b) for a, b in zip(parts, now)), f"{mode}: frozen part of {name} moved"
+        # ResuAdamW's states are this rank's compact slots only (never the full weight's).
+        for p in (model.fc1.weight, model.fc2.weight):
+            shard = p._local_tensor
+            n_slots = shard.n_pruned if mode != "sparse" else shard.numel() - shard.n_pruned
+            assert opt.state[p]["exp_avg"].shape == (n_slots,), mode
+            assert isinstance(opt.state[p]["exp_avg"], torch.Tensor) and not isinstance(opt.state[p]["exp_avg"], DTensor)
+
+    # Torch's own fully_shard on ResuParameters would drop masks and modes: refused, naming the fix.
+    try:
+        torch_fully_shard(tiny_model("resu").fc1)
+    except RuntimeError as exc:
+        assert "resu.distributed.fully_shard" in str(exc)
+    else:
+        raise AssertionError("torch's fully_shard on a RESU weight was not refused")
+
+    # A model without ResuParameters, sharded by torch's own fully_shard: ResuAdamW trains it as AdamW.
+    torch.manual_seed(0)
+    plain, plain_ref = Mlp(), Mlp()
+    plain_ref.load_state_dict(plain.state_dict())
+    torch_fully_shard(plain)
+    train(plain, rank, data)
+    opt = resu.ResuAdamW(plain_ref.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in data:
+        F.mse_loss(plain_ref(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_to(full_weights(plain), plain_ref, "torch fully_shard, plain model")
+
+    # QRESU: the all-gather moves packed codes, scales, θ and mask bits, no dense weight.
+    model = sharded_model("qresu")
+    shard = model.fc1.weight._local_tensor
+    inputs, _ = shard.fsdp_pre_all_gather(None, None, None, None, MixedPrecisionPolicy())
+    assert inputs[0].dtype == torch.uint8 and inputs[0].numel() == shard.numel() // 2
+    assert not any(t.is_floating_point() and t.numel() >= shard.numel() for t in inputs)
+    train(model, rank, data[:1])
+    for module in (model.fc1, model.fc2):
+        for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+            # FSDP2's persistent flat data of a QRESU shard is its θ, not a dense copy.
+            local = fsdp_param.sharded_param._local_tensor
+            if isinstance(local, resu.ResuParameter):
+                assert fsdp_param._sharded_param_data.numel() == local.n_pruned
+
+    # torch.compile per block (each sharded Linear compiled in place; FSDP2's hooks run outside).
+    # QRESU only, the mode with the most inner tensors (compiling costs seconds on a CPU).
+    for mode in ("qresu",):
+        model = sharded_model(mode)
+        # aot_eager: Dynamo and AOTAutograd over the gathered ResuParameter, without Inductor's code
+        # generation (covered by the single-process compile tests; it costs seconds per graph on a CPU).
+        model.fc1.compile(fullgraph=True, backend="aot_eager")
+        model.fc2.compile(fullgraph=True, backend="aot_eager")
+        frozen = local_frozen(model)
+        train(model, rank, data)
+        assert_close_to(full_weights(model), reference(mode, data), f"FSDP2 compiled {mode}")
+        assert all(torch.equal(a, b) for n, parts in frozen.items() for a, b in zip(parts, local_frozen(model)[n]))
+
+    # Mixed precision: bf16 compute, fp32 reduce; frozen parts stay bitwise frozen.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for mode in ("resu", "qresu"):
+        model = sharded_model(mode, mp_policy=policy)
+        frozen = local_frozen(model)
+        train(model, rank, data)
+        assert_close_to(full_weights(model), reference(mode, data), f"FSDP2 bf16 {mode}", rtol=0.05, atol=0.02)
+        assert all(torch.equal(a, b) for n, parts in frozen.items() for a, b in zip(parts, local_frozen(model)[n]))
+
+
+def test_fsdp2_every_mode():
+    run_spawned(_fsdp_checks)
