@@ -1,7 +1,12 @@
-"""The grouped AdamW step (many weights, one launch) gives the per-weight results bitwise.
+"""The grouped AdamW step (many weights, one launch) gives the per-weight results.
+
+Bitwise under Triton's interpreter (CPU). On CUDA the two kernels run the same operations, but the
+compiler contracts multiply-adds into FMAs differently in each, so results differ by rounding (up to
+~30 ulp of a weight on an H200; m and v by at most 1 ulp): compared there with the tolerance of the
+other GPU-vs-reference tests, as torch.optim's foreach and for-loop paths may differ too.
 
 Kernel level: :func:`grouped_adamw_triton_` against the per-weight kernels (compact and bitmap), on
-fresh random weights, masks, gradients, states and step counts (Triton's interpreter on CPU).
+fresh random weights, masks, gradients, states and step counts.
 Optimizer level: ``ResuAdamW`` (grouped by default) against ``ResuAdamW(foreach=False)`` on a model
 mixing RESU (bitmap and index masks), QRESU, SPARSE and plain weights, on the reference path and
 with the kernels forced on.
@@ -23,6 +28,13 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.cuda),
 ]
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+
+def _assert_same(a, b, what):
+    if a.device.type == "cuda":  # FMA contraction differs between the two compiled kernels (module doc)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+    else:
+        assert torch.equal(a, b), what
 
 
 def _bitmap_case(gen, shape, sparsity, select_pruned, dense_grad):
@@ -92,7 +104,7 @@ def test_grouped_kernel_equals_per_weight_kernels_bitwise(device, seed, maximize
     moved = False
     for case, single, group in zip(cases, singles, grouped):
         for key in ("weight", "m", "v"):
-            assert torch.equal(group[key], single[key]), key
+            _assert_same(group[key], single[key], key)
         moved |= not torch.equal(group["weight"], case[2]["weight"])
     assert moved
 
@@ -131,7 +143,7 @@ def _mixed_model(seed, device="cpu"):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("force_kernels", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_resu_adamw_grouped_equals_one_at_a_time_bitwise(monkeypatch, device, force_kernels, seed):
+def test_resu_adamw_grouped_equals_one_at_a_time(monkeypatch, device, force_kernels, seed):
     if device == "cuda" and not force_kernels:
         pytest.skip("on CUDA the kernels always run")
     if device == "cpu" and force_kernels and torch.cuda.is_available():
@@ -158,8 +170,8 @@ def test_resu_adamw_grouped_equals_one_at_a_time_bitwise(monkeypatch, device, fo
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         a = p._theta if isinstance(p, resu.ResuParameter) and p._theta is not None else p.detach()
         b = q._theta if isinstance(q, resu.ResuParameter) and q._theta is not None else q.detach()
-        assert torch.equal(a.reshape(-1).view(torch.int32), b.reshape(-1).view(torch.int32))
+        _assert_same(a.reshape(-1), b.reshape(-1), "weight")
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opts[0].state[p][key], opts[1].state[q][key])
+            _assert_same(opts[0].state[p][key], opts[1].state[q][key], key)
     # with the kernels on, the bitmap RESU weight, the QRESU θ and the SPARSE weight share one launch a step
     assert launched == ([3, 3, 3] if force_kernels else [])

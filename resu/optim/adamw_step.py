@@ -156,7 +156,8 @@ class StepJob:
 
 @torch.no_grad()
 def adamw_steps_(jobs: list[StepJob], **hyper) -> None:
-    """:func:`adamw_step_` on every slot of each job's target, with the same results, bitwise.
+    """:func:`adamw_step_` on every slot of each job's target: the same math (bitwise the same results
+    under Triton's interpreter; on CUDA rounding can differ where the compiler fuses multiply-adds).
 
     The jobs the multi-tensor kernel (:func:`resu.compile.triton_adamw.grouped_adamw_triton_`) can take
     (fp32 CUDA tensors; compact targets, or bitmap-masked slots) are stepped in one launch, the others

@@ -42,8 +42,10 @@ class ResuAdamW(torch.optim.Optimizer):
 
     ``foreach``: by default (None or True) the weights of a param group whose every trainable slot
     steps are stepped together, in one multi-tensor launch on CUDA; ``foreach=False`` steps them one
-    at a time (the same numbers, bitwise). ``fused`` is accepted for signature compatibility and
-    ignored; ``capturable`` and ``differentiable`` are not supported.
+    at a time (the same numbers bitwise on CPU; on CUDA the two compiled kernels round differently
+    where the compiler fuses multiply-adds, as torch.optim's foreach and for-loop paths may).
+    ``fused`` is accepted for signature compatibility and ignored; ``capturable`` and
+    ``differentiable`` are not supported.
 
     ``selective`` (a :class:`~resu.optim.selection_config.SelectionConfig`, default None) turns on RESU-Selective
     for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
