@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import statistics
 import time
 
@@ -36,33 +38,15 @@ from resu.optim import consistency
 from resu.optim.selection_config import SelectionConfig
 from resu.tensors.compact_grad import CompactGrad
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_selective import time_ms  # noqa: E402  (one timing loop for the optimizer benchmarks)
+
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device: str, iters: int, warmup: int = 3, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / iters)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / iters)
-    return statistics.median(times)
 
 
 def host_ms(fn, device: str, iters: int) -> float:
