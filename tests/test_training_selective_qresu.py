@@ -51,7 +51,8 @@ def test_selective_phase_fills_the_selection_stats():
         assert s.actual_sparsity == pytest.approx(0.5, abs=0.05)
 
 
-def test_qresu_phase_trains_theta_over_quantized_weights():
+@pytest.mark.parametrize("scheme, group_size", [("per_channel", 128), ("nf4", 16)])
+def test_qresu_phase_trains_theta_over_quantized_weights(scheme, group_size):
     seen_modes = []
 
     def recording_step(model, batch):
@@ -59,7 +60,7 @@ def test_qresu_phase_trains_theta_over_quantized_weights():
         return train_step(model, batch)
 
     model = _model(1)
-    cfg = _config(use_qresu=True, qresu_bits=4, qresu_scheme="per_channel")
+    cfg = _config(use_qresu=True, qresu_bits=4, qresu_scheme=scheme, qresu_group_size=group_size)
     stats = RESUTrainer(model, cfg, torch.optim.SGD(model.parameters(), lr=0.05), recording_step).train(_loader(1))
     assert resu.ResuMode.QRESU in seen_modes
     for s in stats:

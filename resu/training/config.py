@@ -14,11 +14,12 @@ from typing import Any, Optional
 
 import resu.prune  # noqa: F401  (registers the built-in prune methods and commit strategies)
 from resu.prune.registry import COMMIT_STRATEGIES, PRUNE_METHODS
+from resu.tensors.quantized import SCHEMES
 
 SCORE_TYPES = ("magnitude", "gradient", "wanda")
 PRUNING_SCOPES = ("row", "global")
 STABILIZE_METHODS = ("dsnot", "none")
-QRESU_SCHEMES = ("per_channel", "per_tensor", "per_group")
+QRESU_SCHEMES = SCHEMES  # every scheme of resu.tensors.quantized (affine ones and "nf4")
 _FRACTION_TOLERANCE = 1e-6
 
 
