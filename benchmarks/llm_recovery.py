@@ -84,6 +84,8 @@ def smollm2_workload(args) -> Workload:
 
     model, tokenizer = load_smollm2()
     shape = dict(seq_len=args.seq, batch_size=args.batch)
+    if args.text_order == "spread":  # files in a seeded random order, at most 4 rows of each
+        shape.update(shuffle_seed=0, max_file_tokens=4 * args.seq)
     calib = token_batches(tokenizer, "train", n_batches=args.calib_batches, **shape)
     val = token_batches(tokenizer, "validation", n_batches=args.eval_batches, **shape)
     test = token_batches(tokenizer, "test", n_batches=args.eval_batches, **shape)
@@ -397,6 +399,9 @@ def parse_args(argv=None):
     ap.add_argument("--calib-batches", type=int, default=None)
     ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), help=f"built-in rows {', '.join(ALL_ROWS)}, or variant names")
     ap.add_argument("--variants", default=None, help="JSON file of recipe variants (see load_variants)")
+    ap.add_argument("--text-order", default="sorted", choices=("sorted", "spread"),
+                    help="SmolLM2 text: the split's files in sorted order (a few neighbouring modules per "
+                         "short stream), or spread over the whole split (random file order, ≤ 4 rows per file)")
     ap.add_argument("--start", default="wanda", choices=("magnitude", "wanda", "sparsegpt"),
                     help="the one-shot pruner whose model every training row starts from")
     ap.add_argument("--scratch-cache", default=None, help="file to load the pre-trained scratch model from (or save it to)")

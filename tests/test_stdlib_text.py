@@ -59,3 +59,22 @@ def test_token_batches_shapes_and_offsets():
         token_batches(tok, "validation", seq_len=0)
     with pytest.raises(ValueError, match="fewer than"):
         token_batches(tok, "test", seq_len=4096, batch_size=64, n_batches=64)
+
+
+def test_token_batches_spread_over_the_split():
+    tok = _ByteTokenizer()
+    files = stdlib_files("validation")
+    batches = token_batches(tok, "validation", seq_len=16, batch_size=2, n_batches=3, shuffle_seed=5, max_file_tokens=8)
+    stream = torch.cat([b.reshape(-1) for b in batches]).tolist()
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = []
+    for i in order:  # each file contributes its first 8 bytes, then the separator
+        with open(files[i], encoding="utf-8") as f:
+            expected += list(f.read().encode("utf-8"))[:8] + [tok.eos_token_id]
+        if len(expected) >= len(stream):
+            break
+    assert stream == expected[: len(stream)]
+    assert token_batches(tok, "validation", seq_len=16, batch_size=2, n_batches=3, shuffle_seed=5,
+                         max_file_tokens=8)[2].tolist() == batches[2].tolist()  # deterministic
+    with pytest.raises(ValueError, match="max_file_tokens"):
+        token_batches(tok, "validation", max_file_tokens=0)

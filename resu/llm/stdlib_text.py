@@ -75,6 +75,8 @@ def token_batches(
     skip_batches: int = 0,
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     root: Optional[str] = None,
+    shuffle_seed: Optional[int] = None,
+    max_file_tokens: Optional[int] = None,
 ) -> list[torch.Tensor]:
     """``n_batches`` (batch_size × seq_len) tensors of token ids from the ``split`` files, after the
     first ``skip_batches`` batches' worth of tokens (so calibration and training can take disjoint text).
@@ -83,6 +85,10 @@ def token_batches(
     and the token stream is cut into rows of ``seq_len``; reading stops once enough tokens are in.
     Deterministic: the same arguments give the same batches. Raises a ValueError when the split has
     fewer tokens than asked for.
+
+    The sorted order puts a few neighbouring modules in a short stream. For text spread over the
+    whole split, ``shuffle_seed`` reads the files in a random order drawn from that seed, and
+    ``max_file_tokens`` keeps at most that many tokens of each file (from its start).
     """
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("n_batches", n_batches)):
         if not isinstance(value, int) or value < 1:
@@ -93,8 +99,15 @@ def token_batches(
     needed = skip + seq_len * batch_size * n_batches
     stream: list[int] = []
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for path in stdlib_files(split, fractions, root):
-        stream += tokenizer(_read(path), add_special_tokens=False)["input_ids"] + sep
+    if max_file_tokens is not None and (not isinstance(max_file_tokens, int) or max_file_tokens < 1):
+        raise ValueError(f"token_batches: `max_file_tokens` must be a positive int or None, got {max_file_tokens!r}")
+    paths = stdlib_files(split, fractions, root)
+    if shuffle_seed is not None:
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        paths = [paths[i] for i in order]
+    for path in paths:
+        ids = tokenizer(_read(path), add_special_tokens=False)["input_ids"]
+        stream += (ids if max_file_tokens is None else ids[:max_file_tokens]) + sep
         if len(stream) >= needed:
             break
     if len(stream) < needed:
