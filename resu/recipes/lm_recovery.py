@@ -11,7 +11,8 @@ of optimizer steps on the same stream of token batches, so they compare at equal
 
 The defaults of :class:`RecoveryRecipe` avoid what measured harmful on pretrained LMs
 (``benchmarks/llm_recovery.py --variants``; BENCHMARKS.md). With them the recipe ends below plain
-sparse fine-tuning at equal steps on a scratch-trained LM at 50%, 70% and 2:4 (3 seeds, BENCHMARKS.md).
+sparse fine-tuning at equal steps on a scratch-trained LM at 50%, 70% and 2:4 (3 seeds); on SmolLM2
+at 16 and 96 steps it is still behind (BENCHMARKS.md).
 
 - θ starts at zero (``epsilon=0``): ε·σ_A noise in every pruned slot of a pretrained model costs more
   than a short θ phase wins back;
