@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from resu.tensors import mask_kernels as mask_ops
-from resu.tensors.compact_grad import CompactGrad
+from resu.tensors.foreign_grad import compact_foreign_grad
 from resu.tensors.layout import ALL_INNER_NAMES, ResuLayout, WritePolicy
 from resu.tensors.mask import SparseMask
 from resu.tensors.mode import ResuMode
@@ -407,24 +407,6 @@ def run_without_subclass(func, args, kwargs):
     # output into this subclass): what is not in the table runs as usual.
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
-
-
-def compact_foreign_grad(param: "ResuParameter") -> None:
-    """Post-accumulate-grad hook: in RESU mode, keep only the θ part of a dense gradient.
-
-    Gradients normally arrive compact through ``resu::linear``. A weight used by some other op as
-    well (``x @ W.t()``, or a composite functional such as ``F.multi_head_attention_forward`` that
-    calls ``linear`` internally) receives a dense gradient from aten's formulas; its active-slot part
-    belongs to frozen weights, so it is dropped here and the gradient becomes a CompactGrad.
-    """
-    grad = param.grad
-    if param.mode.trains_theta and grad is not None and not isinstance(grad, CompactGrad):
-        layout = param.resu_layout
-        with torch.no_grad():
-            values = torch.ops.resu.gather_masked(
-                grad, param._mask_storage, layout.encoding_name, layout.n_pruned, True, param.dtype
-            )
-        param.grad = CompactGrad(values, param._mask_storage, layout.encoding, param.shape)
 
 
 _UNPICKLED = "ResuParameter (unpickled)"  # the name is unknown here; load_state_dict names it again
