@@ -7,8 +7,9 @@ DTensor's local shard (with its local gradient) in its place and moves its state
 post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
 is ever gathered. :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
 
-The hooks are global optimizer hooks, registered when :mod:`resu.distributed` is imported (``import
-resu`` does): they return at once for other optimizers, and before DTensor is even imported.
+Every ResuAdamW registers the two hooks on itself (:func:`attach_dtensor_hooks`, from its
+``__init__`` and ``__setstate__``); other optimizers never see them. They return at once while
+DTensor's module is not loaded (no DTensor can exist then).
 """
 
 from __future__ import annotations
@@ -16,15 +17,7 @@ from __future__ import annotations
 import sys
 import weakref
 
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
 _SWAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _is_resu_adamw(opt) -> bool:
-    from resu.optim.resu_adamw import ResuAdamW
-
-    return isinstance(opt, ResuAdamW)
 
 
 def _dtensor_type():
@@ -35,7 +28,7 @@ def _dtensor_type():
 
 def _to_local(opt, args, kwargs) -> None:
     DTensor = _dtensor_type()
-    if DTensor is None or not _is_resu_adamw(opt):
+    if DTensor is None:
         return
     swapped = []
     for group in opt.param_groups:
@@ -55,7 +48,7 @@ def _to_local(opt, args, kwargs) -> None:
 
 
 def _to_dtensor(opt, args, kwargs) -> None:
-    swapped = _SWAPPED.pop(opt, None) if _is_resu_adamw(opt) else None
+    swapped = _SWAPPED.pop(opt, None)
     for params, i, p, local in swapped or ():
         if local in opt.state:
             opt.state[p] = opt.state.pop(local)
@@ -63,17 +56,10 @@ def _to_dtensor(opt, args, kwargs) -> None:
         params[i] = p
 
 
-_HOOKS: list = []
+def attach_dtensor_hooks(opt) -> None:
+    """Register the step pre/post hooks on the optimizer ``opt`` (a ResuAdamW)."""
+    opt.register_step_pre_hook(_to_local)
+    opt.register_step_post_hook(_to_dtensor)
 
 
-def ensure_step_hooks() -> None:
-    """Register the step pre/post hooks once."""
-    if not _HOOKS:
-        _HOOKS.append(register_optimizer_step_pre_hook(_to_local))
-        _HOOKS.append(register_optimizer_step_post_hook(_to_dtensor))
-
-
-__all__ = ["ensure_step_hooks"]
-
-
-ensure_step_hooks()
+__all__ = ["attach_dtensor_hooks"]

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from resu.compile.adamw_math import adamw_update_
+from resu.distributed.optim import attach_dtensor_hooks
 from resu.optim.adamw_step import MaskedSlots, StepJob, Target, adamw_step_, adamw_steps_
 from resu.optim.selection_config import SelectionConfig
 from resu.optim.selective import (
@@ -99,6 +100,7 @@ class ResuAdamW(torch.optim.Optimizer):
         )
         self._selection_stats = SelectionStats()
         super().__init__(params, defaults)
+        attach_dtensor_hooks(self)  # FSDP2: step each DTensor parameter's local shard
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_selective(
@@ -108,6 +110,7 @@ class ResuAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        attach_dtensor_hooks(self)  # hooks are not part of the pickled state
         self._selection_stats = SelectionStats()
         for group in self.param_groups:
             for key, value in self.defaults.items():
