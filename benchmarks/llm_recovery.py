@@ -62,6 +62,7 @@ TRAINING_ROWS = ("finetune", "resu", "qresu", "lora")
 ALL_ROWS = ONESHOT_ROWS + TRAINING_ROWS
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QRESU_FORMAT = {"bits": 4, "scheme": "per_group", "group_size": 64}
+ROW_INIT: dict[str, str] = {}  # built-in rows whose θ starts from the weights before pruning
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -248,11 +249,12 @@ def train_lora(model: nn.Module, batches, steps: int, *, rank: int, lr: float, l
     return merged, losses
 
 
-def load_variants(path: Optional[str]) -> dict[str, tuple[str, RecoveryRecipe]]:
+def load_variants(path: Optional[str]) -> dict[str, tuple[str, RecoveryRecipe, Optional[str]]]:
     """``{name: {"row": "finetune"|"resu"|"qresu", **RecoveryRecipe fields}}`` from a JSON file → rows.
 
     A variant row trains like its base row with those recipe fields changed; ``selective`` is given as
-    the keyword arguments of :class:`resu.SelectionConfig`.
+    the keyword arguments of :class:`resu.SelectionConfig`; ``"init": "pruned"`` starts θ from the
+    weights before pruning (``recover_(init_from=...)``).
     """
     if not path:
         return {}
@@ -268,7 +270,10 @@ def load_variants(path: Optional[str]) -> dict[str, tuple[str, RecoveryRecipe]]:
             fields.setdefault("quantized", dict(QRESU_FORMAT))
         if fields.get("selective") is not None:
             fields["selective"] = resu.SelectionConfig(**fields["selective"])
-        variants[name] = (base, RecoveryRecipe(**fields))
+        init = fields.pop("init", None)
+        if init not in (None, "zero", "pruned"):
+            raise SystemExit(f"--variants: {name!r}: init must be \"zero\" or \"pruned\", got {init!r}")
+        variants[name] = (base, RecoveryRecipe(**fields), init)
     return variants
 
 
@@ -276,11 +281,11 @@ def is_training_row(row: str, args) -> bool:
     return row in TRAINING_ROWS or row in args.variant_rows
 
 
-def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step) -> tuple[nn.Module, dict]:
+def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step, dense: nn.Module) -> tuple[nn.Module, dict]:
     model = copy.deepcopy(pruned)
     loss_fn = make_loss_fn(args.device)
     info: dict[str, Any] = {}
-    base, recipe = args.variant_rows.get(row, (row, None))
+    base, recipe, init = args.variant_rows.get(row, (row, None, ROW_INIT.get(row)))
     if base == "finetune":
         recipe = recipe or RecoveryRecipe()
         info["losses"] = finetune_(model, batches, args.steps, recipe=recipe, loss_fn=loss_fn, on_step=on_step)
@@ -295,10 +300,13 @@ def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step)
                 seen["theta_bytes"] = storage_bytes(model)
             on_step(phase, step, loss)
 
+        # the dense model's weights are the pruned model's before pruning (same names, no copy needed)
+        init_from = {name: w.detach() for name, w in dense.named_parameters()} if init == "pruned" else None
         report = recover_(model, batches, args.steps, calib=calib, recipe=recipe, loss_fn=loss_fn, on_step=record,
-                          pattern=args.pattern_now, generator=torch.Generator().manual_seed(args.seed_now))  # θ noise is drawn on the CPU
+                          pattern=args.pattern_now, generator=torch.Generator().manual_seed(args.seed_now),  # θ noise is drawn on the CPU
+                          init_from=init_from)
         info.update(losses=report.losses, theta_steps=report.theta_steps, n_resurrected=report.n_resurrected,
-                    recipe=dataclasses.asdict(recipe), **seen)
+                    recipe=dataclasses.asdict(recipe), init=init or "zero", **seen)
     elif row == "lora":
         model, info["losses"] = train_lora(model, batches, args.steps, rank=args.lora_rank, lr=args.lora_lr,
                                            loss_fn=loss_fn, on_step=on_step)
@@ -524,7 +532,7 @@ def main(argv=None) -> dict:
                     bar.set_postfix_str(f"{spec['label']} {row} {phase} loss {loss:.3f}")
 
                 t = time.time()
-                model, info = run_training_row(row, pruned, batches, args, calib, on_step)
+                model, info = run_training_row(row, pruned, batches, args, calib, on_step, dense)
                 info["train_seconds"] = time.time() - t
                 if "theta_bytes" in info:
                     info["dense_bytes"] = dense_bytes(dense)
@@ -533,7 +541,7 @@ def main(argv=None) -> dict:
     bar.close()
     seconds = time.time() - start
     settings = {k: v for k, v in vars(args).items() if k not in ("seed_now", "variant_rows")}
-    settings["variant_recipes"] = {k: [b, dataclasses.asdict(r)] for k, (b, r) in args.variant_rows.items()}
+    settings["variant_recipes"] = {k: [b, dataclasses.asdict(r), i] for k, (b, r, i) in args.variant_rows.items()}
     settings.update(recipe=dataclasses.asdict(RecoveryRecipe()), qresu_format=QRESU_FORMAT, seconds=seconds,
                     unit=work.unit, tokens_per_step=args.seq * args.batch)
     result = {"settings": settings, "runs": runs}

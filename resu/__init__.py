@@ -19,6 +19,7 @@ from resu.api.commit import CommitStats, commit_
 from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_, exit_qresu_
 from resu.api.resu_phase import enter_resu_, exit_resu_
+from resu.api.theta_phase import snapshot_weights
 from resu.api.sparsify import densify_, sparsify_
 from resu.api.stabilize import StabilizeStats, capture_reference, stabilize_
 from resu.eval import generate_text, perplexity
@@ -60,6 +61,7 @@ __all__ = [
     "distributed",
     "enter_qresu_",
     "enter_resu_",
+    "snapshot_weights",
     "exit_qresu_",
     "exit_resu_",
     "generate_text",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
+from resu.api.theta_phase import end_phase, phase_thetas, prepare_phase, start_phase_, weights_in_mode
 from resu.api.validation import check_int
 from resu.tensors.mode import ResuMode
 from resu.tensors.quantized import SCHEME_TABLE, QuantFormat, QuantizedState, check_format, quantize_active
@@ -24,6 +24,7 @@ def enter_qresu_(
     double_quant: bool = False,
     generator: Optional[torch.Generator] = None,
     selective=None,
+    init_from: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Start a QRESU phase: quantize the frozen active weights, give the pruned slots a trainable θ, in place.
 
@@ -47,12 +48,14 @@ def enter_qresu_(
         generator: random generator for θ.
         selective: a :class:`~resu.core.selective.SelectionConfig` to train θ with RESU-Selective
             (QRESU-Selective), exactly as for :func:`resu.enter_resu_`.
+        init_from: dense weights by parameter name (:func:`resu.snapshot_weights` before pruning); θ
+            starts from their values in the pruned slots, as for :func:`resu.enter_resu_`.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: bad ``bits``/``scheme``/``group_size``/``epsilon``, or a ResuParameter that is not
+        ValueError: bad ``bits``/``scheme``/``group_size``/``epsilon``/``init_from``, or a ResuParameter that is not
             in SPARSE mode. ``bits`` and ``group_size`` must be ints: ``4.0`` is refused. The model is
             left unchanged (also when a step fails midway: the weights already changed are restored).
     """
@@ -70,13 +73,13 @@ def enter_qresu_(
             "is 1-D. Use resu.enter_resu_ for this model, or keep 1-D weights out of resu.sparsify_ (filter_fn)."
         )
     fmt = QuantFormat(bits, scheme, group_size, double_quant)
+    thetas = phase_thetas(params, epsilon, generator, init_from, "enter_qresu_")
     states = []
     with torch.no_grad():
-        for _, p in params:
+        for (_, p), theta in zip(params, thetas):
             weight = p.effective_weight()
             qdata, scale, zero = quantize_active(weight, ~p.active_mask, fmt)
-            theta = initial_theta(p, epsilon, generator).to(p.dtype)
-            states.append(QuantizedState(qdata, scale, zero, theta, fmt))
+            states.append(QuantizedState(qdata, scale, zero, theta.to(p.dtype), fmt))
     start_phase_(params, states, ResuParameter._enter_qresu_, selective)
     return model
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from resu.api.theta_phase import end_phase, initial_theta, prepare_phase, start_phase_, weights_in_mode
+from resu.api.theta_phase import end_phase, phase_thetas, prepare_phase, start_phase_, weights_in_mode
 from resu.core.selective import SelectionConfig
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -19,11 +19,13 @@ def enter_resu_(
     *,
     generator: Optional[torch.Generator] = None,
     selective: Optional[SelectionConfig] = None,
+    init_from: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> nn.Module:
     """Start a RESU phase: freeze active weights and give every pruned slot a trainable θ, in place.
 
     θ ~ N(0, (ε·σ_A)²) is written into the pruned slots, where σ_A is the standard deviation of that
-    weight's active values (0 if it has fewer than two). Train with :class:`resu.ResuAdamW`: it updates θ
+    weight's active values (0 if it has fewer than two); with ``init_from``, θ starts from the values
+    the pruned slots had before pruning. Train with :class:`resu.ResuAdamW`: it updates θ
     only; gradients of RESU weights hold θ values only (:class:`~resu.tensors.compact_grad.CompactGrad`).
 
     Args:
@@ -33,17 +35,21 @@ def enter_resu_(
         selective: a :class:`~resu.core.selective.SelectionConfig` to train θ with RESU-Selective: each
             weight is tagged with it (``p._selective``, cleared by :func:`exit_resu_`) and
             :class:`resu.ResuAdamW` applies it where its param group has ``selective=None``.
+        init_from: dense weights by parameter name, taken before pruning with
+            :func:`resu.snapshot_weights`; θ starts from their values in the pruned slots (then
+            ``epsilon`` and ``generator`` are not used). On a pretrained model this starts the phase
+            from the unpruned model's function instead of the pruned one's.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: a bad ``epsilon`` or ``selective``, or a ResuParameter without a mask (DENSE mode: call
+        ValueError: a bad ``epsilon``, ``selective`` or ``init_from``, or a ResuParameter without a mask (DENSE mode: call
             :func:`resu.prune_` first) or already in RESU/QRESU mode. The model is left unchanged
             (also when a step fails midway: the weights already changed are restored).
     """
     params, epsilon = prepare_phase(model, epsilon, selective, generator, "enter_resu_")
-    thetas = [initial_theta(p, epsilon, generator) for _, p in params]
+    thetas = phase_thetas(params, epsilon, generator, init_from, "enter_resu_")
     start_phase_(params, thetas, ResuParameter._enter_resu_, selective)
     return model
 

@@ -1,8 +1,9 @@
-"""What the θ phases (RESU and QRESU) share: the initial θ ~ N(0, (ε·σ_A)²), entry and exit checks."""
+"""What the θ phases (RESU and QRESU) share: the initial θ (random, or the values the pruned slots had
+before pruning), entry and exit checks."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -24,6 +25,61 @@ def initial_theta(p, epsilon: float, generator: Optional[torch.Generator]) -> to
     scale = epsilon * active_std(p)
     # scale 0 gives exact +0.0 (noise * 0 would leave -0.0 in half the slots)
     return noise.to(p.device) * scale if scale else torch.zeros(p.n_pruned, device=p.device)
+
+
+def snapshot_weights(model, device="cpu") -> dict[str, torch.Tensor]:
+    """A copy of every ResuParameter's weight as a plain dense tensor, keyed by parameter name.
+
+    Take it before :func:`resu.prune_` and pass it as ``init_from`` to :func:`resu.enter_resu_`,
+    :func:`resu.enter_qresu_` or :func:`resu.recipes.recover_`: θ then starts from the values the pruned
+    slots had, so a pruned weight comes back as it was and training continues from there.
+
+    Args:
+        model: a model after :func:`resu.sparsify_`.
+        device: where the copies live (default the CPU, so the snapshot costs no accelerator memory);
+            None keeps each copy on its weight's device.
+
+    Returns:
+        ``{name: tensor}`` with one entry per ResuParameter (a tied weight once, under its first name).
+    """
+    from resu.api.params import require_resu_parameters
+
+    params = require_resu_parameters(model, "snapshot_weights")
+    with torch.no_grad():
+        return {
+            name: p.effective_weight().detach().to(device=device if device is not None else p.device, copy=True)
+            for name, p in params
+        }
+
+
+def theta_from(p, name: str, init_from: Mapping[str, torch.Tensor], caller: str) -> torch.Tensor:
+    """The values of ``init_from[name]`` in ``p``'s pruned slots (ascending flat order, fp32, on ``p``'s device)."""
+    if name not in init_from:
+        raise ValueError(
+            f"{caller}: init_from has no entry {name!r}; take it with resu.snapshot_weights(model) before "
+            "resu.prune_, so that it names every ResuParameter"
+        )
+    ref = init_from[name]
+    if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != tuple(p.shape):
+        got = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+        raise ValueError(f"{caller}: init_from[{name!r}] must be a tensor of shape {tuple(p.shape)}, got {got}")
+    pruned = ~p.active_mask.reshape(-1)
+    return ref.detach().reshape(-1).to(device=p.device)[pruned.to(p.device)].float()
+
+
+def phase_thetas(params, epsilon: float, generator, init_from, caller: str) -> list[torch.Tensor]:
+    """The starting θ of every weight: ``init_from``'s values in its pruned slots, else ε·σ_A noise.
+
+    All are computed (and ``init_from`` fully checked) before any weight changes.
+    """
+    if init_from is None:
+        return [initial_theta(p, epsilon, generator) for _, p in params]
+    if not isinstance(init_from, Mapping):
+        raise ValueError(
+            f"{caller}: init_from must be a mapping of parameter name to dense weight "
+            f"(resu.snapshot_weights(model)), got {type(init_from).__name__}"
+        )
+    return [theta_from(p, name, init_from, caller) for name, p in params]
 
 
 def check_selective(selective, caller: str) -> None:

@@ -29,7 +29,7 @@ at 16 and 96 steps it is still behind (BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ from resu.api.commit import commit_
 from resu.api.prune import prune_
 from resu.api.qresu_phase import enter_qresu_
 from resu.api.resu_phase import enter_resu_
+from resu.api.theta_phase import snapshot_weights
 from resu.optim.resu_adamw import ResuAdamW
 from resu.optim.selection_config import SelectionConfig
 from resu.prune.registry import PRUNE_METHODS
@@ -241,6 +242,7 @@ def recover_(
     on_step: Optional[StepCallback] = None,
     generator: Optional[torch.Generator] = None,
     pattern: Optional[str] = None,
+    init_from: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> RecoveryReport:
     """The RESU recipe: θ phase → commit at the same sparsity → sparse fine-tuning, ``steps`` steps in all.
 
@@ -257,6 +259,10 @@ def recover_(
         generator: random generator for θ's initialisation (unused when ``recipe.epsilon == 0``).
         pattern: the model's N:M pattern (e.g. ``"2:4"``), which a ``recipe.reprune`` commit keeps; None
             detects a 2:4-style pattern (N of every 4 or 8 consecutive inputs) from the masks.
+        init_from: the weights before pruning (:func:`resu.snapshot_weights`, taken before
+            :func:`resu.prune_`). θ then starts from the values the pruned slots had, so the θ phase
+            begins at the unpruned model; in later cycles it starts from the values the commit dropped.
+            None starts θ as ``recipe.epsilon`` says.
 
     Returns:
         A :class:`RecoveryReport`; the model ends in SPARSE mode at its starting sparsity.
@@ -279,11 +285,15 @@ def recover_(
     for cycle in range(recipe.cycles):
         share = steps // recipe.cycles + (steps % recipe.cycles if cycle == recipe.cycles - 1 else 0)
         theta_steps = int(round(share * recipe.resu_fraction))
+        start = dict(epsilon=recipe.epsilon, generator=generator, selective=recipe.selective, init_from=init_from)
         if recipe.quantized is not None:
-            enter_qresu_(model, epsilon=recipe.epsilon, generator=generator, selective=recipe.selective, **recipe.quantized)
+            enter_qresu_(model, **start, **recipe.quantized)
         else:
-            enter_resu_(model, epsilon=recipe.epsilon, generator=generator, selective=recipe.selective)
+            enter_resu_(model, **start)
         _train(model, batches, theta_steps, recipe.theta_lr, recipe, loss_fn, on_step, "theta", losses)
+        if init_from is not None and cycle + 1 < recipe.cycles:
+            # the next θ phase restarts each pruned slot from the value it had when this commit pruned it
+            init_from = snapshot_weights(model)
         resurrected += _commit(model, params, recipe, calib, loss_fn, pattern, sparsity)
         _train(model, batches, share - theta_steps, recipe.lr, recipe, loss_fn, on_step, "finetune", losses)
         theta_total += theta_steps
