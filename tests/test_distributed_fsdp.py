@@ -66,9 +66,26 @@ def local_frozen(model) -> dict:
     return out
 
 
+def _full_weights_outlive_sharding(mode: str) -> list[str]:
+    """Names of the unsharded ResuParameters still alive after fully_shard (each would hold the whole
+    weight on every rank for the rest of the run)."""
+    import gc
+    import weakref
+
+    model = tiny_model(mode, seed=0, select_ratio=ELEMENTWISE)
+    originals = [(n, weakref.ref(p)) for n, p in model.named_parameters() if isinstance(p, resu.ResuParameter)]
+    assert originals
+    fully_shard(model.fc1)
+    fully_shard(model.fc2)
+    fully_shard(model)
+    gc.collect()
+    return [n for n, ref in originals if ref() is not None]
+
+
 def _fsdp_checks(rank: int, world: int) -> None:
     data = batches(STEPS)
     for mode in MODES:
+        assert _full_weights_outlive_sharding(mode) == [], mode
         model = sharded_model(mode)
         local = model.fc1.weight._local_tensor
         assert isinstance(model.fc1.weight, DTensor) and isinstance(local, resu.ResuParameter)

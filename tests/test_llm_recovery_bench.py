@@ -23,7 +23,7 @@ def bench():
 
 def test_tiny_scratch_run_writes_finite_rows(bench, tmp_path):
     pytest.importorskip("peft")
-    argv = ["--model", "scratch", "--size", "tiny", "--scratch-steps", "3", "--steps", "2", "--seq", "16", "--batch", "2",
+    argv = ["--model", "scratch", "--size", "tiny", "--scratch-steps", "3", "--steps", "4", "--seq", "16", "--batch", "2",
             "--eval-batches", "1", "--calib-batches", "1", "--seeds", "0", "1", "--sparsities", "0.5", "2:4",
             "--out", str(tmp_path), "--threads", str(torch.get_num_threads())]
     result = bench.main(argv)
@@ -44,7 +44,7 @@ def test_tiny_scratch_run_writes_finite_rows(bench, tmp_path):
                 else:
                     assert r["sparsity_after"] == pytest.approx(0.5, abs=0.01)
                 if row in bench.TRAINING_ROWS:
-                    assert len(r["losses"]) == 2 and all(math.isfinite(v) for v in r["losses"])
+                    assert len(r["losses"]) == 4 and all(math.isfinite(v) for v in r["losses"])
     assert [r["row"] for r in runs if r["sparsity"] == "-"] == ["dense"]
     qresu = [r for r in runs if r["row"] == "qresu"]
     resu_rows = [r for r in runs if r["row"] == "resu"]

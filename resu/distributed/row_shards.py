@@ -158,6 +158,10 @@ def _new_zeros(func, args, kwargs):
     if _RowSharding.active and isinstance(p, ResuParameter) and len(shards) > _RowSharding.rank:
         mine = shards[_RowSharding.rank]
         if tuple(mine.shape) == tuple(size):
+            # A new wrapper on the same inner tensors: ``split`` returned ``mine`` as an autograd view of
+            # the full weight, and FSDP2 keeps ``shard.view(-1)`` for the whole run, which would keep the
+            # full weight (and its dense values) alive on every rank through the view's base.
+            mine = ResuParameter(mine.resu_layout, mine._inner(), shape=mine.shape)
             _give_storage(mine)
             return mine
     if not _RowSharding.active and isinstance(p, ResuParameter) and p.mode.has_mask and _in_fsdp_sharding():

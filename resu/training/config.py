@@ -322,6 +322,10 @@ def pretrained_lm_config(**overrides) -> RESUConfig:
     scores: the reserved quota of ``"amnesty"`` and magnitude scores both evict activation-heavy
     weights of an LM. θ starts at exactly zero: ``resu_epsilon=0.1`` puts noise the size of trained θ
     into every pruned slot.
+
+    The recovery that measured best on SmolLM2 (θ started from the weights before pruning, a commit
+    that re-prunes the merged weights with SparseGPT) is :func:`resu.recipes.recover_`; the trainer
+    commits with commit strategies only (BENCHMARKS.md, "Pruning and recovering a language model").
     """
     settings = dict(
         initial_sparsity=0.5,
