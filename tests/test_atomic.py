@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import resu
 from resu import ResuParameter
-from resu.api import qresu_phase, resu_phase
+from resu.api import qresu_phase, theta_phase
 from tests.helpers import assert_same_state, exact_state, fail_on_call, mlp, model_in_mode
 
 STRATEGY_SCORES = [
@@ -104,7 +104,7 @@ def test_commit_with_a_calibration_batch_of_the_wrong_shape_changes_nothing(stra
 # ---------------------------------------------------------------------- θ phases
 @pytest.mark.parametrize(
     "owner,attribute,call",
-    [(ResuParameter, "_enter_resu_", 2), (resu_phase, "initial_theta", 2)],
+    [(ResuParameter, "_enter_resu_", 2), (theta_phase, "initial_theta", 2)],
     ids=["enter", "initial_theta"],
 )
 def test_enter_resu_failing_midway_changes_nothing(monkeypatch, owner, attribute, call):
@@ -124,7 +124,7 @@ def test_enter_resu_failing_midway_changes_nothing(monkeypatch, owner, attribute
 
 @pytest.mark.parametrize(
     "owner,attribute",
-    [(ResuParameter, "_enter_qresu_"), (qresu_phase, "quantize_active"), (qresu_phase, "initial_theta")],
+    [(ResuParameter, "_enter_qresu_"), (qresu_phase, "quantize_active"), (theta_phase, "initial_theta")],
     ids=["enter", "quantize", "initial_theta"],
 )
 def test_enter_qresu_failing_midway_changes_nothing(monkeypatch, owner, attribute):
