@@ -10,7 +10,8 @@ from resu.recipes import RecoveryRecipe, finetune_, recover_
 transformers = pytest.importorskip("transformers")
 
 
-def _pruned_llama(seed: int = 0, sparsity: float = 0.5):
+def _llama(seed: int = 0):
+    """A 2-block Llama with every decoder Linear sparsified (DENSE mode; the tied head stays plain)."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -18,6 +19,11 @@ def _pruned_llama(seed: int = 0, sparsity: float = 0.5):
     )
     model = transformers.LlamaForCausalLM(config)
     resu.sparsify_(model, filter_fn=lambda name, m: "lm_head" not in name)
+    return model
+
+
+def _pruned_llama(seed: int = 0, sparsity: float = 0.5):
+    model = _llama(seed)
     resu.prune_(model, sparsity, method="wanda", calib=_batches(2, seed=99))
     return model
 
@@ -95,13 +101,7 @@ def test_theta_starts_at_zero_and_the_frozen_weights_do_not_move_in_the_theta_ph
 def test_a_reprune_commit_keeps_an_n_m_pattern_it_detects_from_the_masks():
     from resu.recipes.lm_recovery import detect_pattern
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    resu.sparsify_(model, filter_fn=lambda name, m: "lm_head" not in name)
+    model = _llama()
     resu.prune_(model, 0.5, method="wanda", calib=_batches(2, seed=99), pattern="2:4")
     params = list(_weights(model).values())
     assert detect_pattern(params) == "2:4"
@@ -175,3 +175,22 @@ def test_recover_refuses_bad_input_and_changes_nothing():
     for field, bad in (("warmup", 1.5), ("cycles", 0), ("reprune", "no_such_method"), ("selective", {"k": 1})):
         with pytest.raises(ValueError, match=field):
             RecoveryRecipe(**{field: bad})
+
+
+def test_recover_from_the_snapshot_starts_its_theta_phase_at_the_unpruned_model():
+    from resu.recipes import causal_lm_loss
+
+    model = _llama()
+    batches = _batches(6, seed=1)
+    with torch.no_grad():
+        dense_loss = float(causal_lm_loss(model, batches[0]))
+    snap = resu.snapshot_weights(model)
+    resu.prune_(model, 0.5, method="wanda", calib=_batches(2, seed=9))
+    with torch.no_grad():
+        pruned_loss = float(causal_lm_loss(model, batches[0]))
+    assert abs(pruned_loss - dense_loss) > 1e-3
+    recipe = RecoveryRecipe(cycles=2, resu_fraction=0.5)
+    report = recover_(model, batches, 6, calib=_batches(2, seed=2), recipe=recipe, init_from=snap)
+    assert report.losses[0] == pytest.approx(dense_loss, rel=1e-5)  # the first θ step saw the dense model
+    for p in _weights(model).values():
+        assert p.mode is resu.ResuMode.SPARSE and p.sparsity == pytest.approx(0.5, abs=0.02)
