@@ -124,3 +124,33 @@ def test_bf16_weights_train_in_resu_mode():
     assert p.grad.dtype == torch.bfloat16
     assert torch.equal(p.effective_weight()[active], w0[active])
     assert not torch.equal(p.effective_weight()[~active], w0[~active])
+
+
+@pytest.mark.parametrize("mode", ["sparse", "resu", "qresu"])
+def test_training_steps_reuse_one_graph_without_recompiling(mode):
+    """Optimizer steps change values, never layouts: a compiled layer keeps its one graph (a recompile per
+    step would put compilation into every step's time)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 16)
+    resu.sparsify_(layer)
+    resu.prune_(layer, 0.5)
+    if mode == "resu":
+        resu.enter_resu_(layer)
+    elif mode == "qresu":
+        resu.enter_qresu_(layer, bits=4, scheme="per_group", group_size=16)
+    opt = resu.ResuAdamW(layer.parameters(), lr=1e-2)
+    compiled = torch.compile(layer, fullgraph=True)
+    before = layer.weight.effective_weight().clone()
+    for _ in range(4):
+        x = torch.randn(8, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(layer.weight.effective_weight(), before)  # the steps did train
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["recompiles"].values()) == 0
