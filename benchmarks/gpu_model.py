@@ -146,7 +146,11 @@ class NF4LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, rank: int = 16, alpha: float = 32.0) -> None:
         super().__init__()
-        to_nf4 = _nf4_module().to_nf4
+        nf4 = _nf4_module()
+        to_nf4 = nf4.to_nf4
+        # looked up once here, not in forward: a failed import is retried on every call, which would put
+        # file-system searches (and, compiled, graph breaks) into the baseline's step
+        self._linear_nf4 = nf4.linear_nf4
         out_f, in_f = linear.weight.shape
         dev = linear.weight.device
         self.weight = nn.Parameter(to_nf4(linear.weight.detach().to(torch.bfloat16)), requires_grad=False)
@@ -155,7 +159,7 @@ class NF4LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = _nf4_module().linear_nf4(x.to(torch.bfloat16), self.weight)
+        base = self._linear_nf4(x.to(torch.bfloat16), self.weight)
         return base + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
 

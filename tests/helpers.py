@@ -114,3 +114,17 @@ def fail_on_call(monkeypatch, owner, attribute: str, call: int = 2):
 
     monkeypatch.setattr(owner, attribute, wrapper)
     return calls
+
+
+def import_benchmarks(*names: str) -> tuple:
+    """The scripts ``benchmarks/<name>.py`` as modules (the folder is on ``sys.path`` only while importing)."""
+    import importlib
+    import os
+    import sys
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return tuple(importlib.import_module(name) for name in names)
+    finally:
+        sys.path.remove(folder)

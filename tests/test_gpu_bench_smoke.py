@@ -1,7 +1,6 @@
 """Smoke tests of benchmarks/gpu_model.py and benchmarks/gpu_optim.py: their CPU code paths (no timings)."""
 
 import json
-import os
 import sys
 import types
 
@@ -9,19 +8,12 @@ import pytest
 import torch
 
 import resu
-
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from tests.helpers import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def benches():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import gpu_model
-        import gpu_optim
-    finally:
-        sys.path.remove(BENCHMARKS)
-    return gpu_model, gpu_optim
+    return import_benchmarks("gpu_model", "gpu_optim")
 
 
 def test_model_step_trains_theta_only_in_the_block_linears(benches):

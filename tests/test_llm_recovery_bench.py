@@ -2,22 +2,16 @@
 
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from tests.helpers import import_benchmarks
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        import llm_recovery
-    finally:
-        sys.path.remove(BENCHMARKS)
+    (llm_recovery,) = import_benchmarks("llm_recovery")
     return llm_recovery
 
 
