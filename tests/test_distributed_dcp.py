@@ -35,6 +35,19 @@ def _load(model, opt, path: str, **kwargs) -> None:
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
 
 
+def _resume(model, path: str, x, y, rank: int, at_save, uninterrupted, what: str) -> None:
+    """Load ``path`` into ``model`` and a fresh ResuAdamW, check the weights against ``at_save`` (unless
+    None), take the next step on this rank's half of ``x``, and check it against ``uninterrupted``: bitwise."""
+    opt = resu.ResuAdamW(model.parameters(), **LR)
+    _load(model, opt, path)
+    if at_save is not None:
+        for name, w in full_weights(model).items():
+            assert torch.equal(w, at_save[name]), f"{what}: {name} differs after loading"
+    _step(model, opt, x[rank::2], y[rank::2])
+    for name, w in full_weights(model).items():
+        assert torch.equal(w, uninterrupted[name]), f"{what}: {name} differs after the resumed step"
+
+
 KILLED_AT = 3  # the step during which rank 1 dies (after its forward)
 
 
@@ -79,21 +92,10 @@ def _dcp_checks(rank: int, world: int, root: str, killed: str) -> None:
             local = p._local_tensor
             if isinstance(local, resu.ResuParameter) and local.mode is not resu.ResuMode.QRESU:
                 local._weight.add_(1.0)
-        ropt = resu.ResuAdamW(resumed.parameters(), **LR)
-        _load(resumed, ropt, saved_2)
-        for name, w in full_weights(resumed).items():
-            assert torch.equal(w, at_save[name]), f"{mode}: {name} differs after load"
-        _step(resumed, ropt, x[rank::2], y[rank::2])
-        for name, w in full_weights(resumed).items():
-            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs after the resumed step"
+        _resume(resumed, saved_2, x, y, rank, at_save, uninterrupted, f"{mode}, 2 -> 2")
 
         # Resume from the checkpoint of the run whose rank 1 was killed during step 3: bitwise.
-        after_kill = sharded_model(mode)
-        kopt = resu.ResuAdamW(after_kill.parameters(), **LR)
-        _load(after_kill, kopt, os.path.join(killed, mode))
-        _step(after_kill, kopt, x[rank::2], y[rank::2])
-        for name, w in full_weights(after_kill).items():
-            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs after resuming the killed run"
+        _resume(sharded_model(mode), os.path.join(killed, mode), x, y, rank, None, uninterrupted, f"{mode}, killed run")
 
         # Reshard 2 -> 1: rank 0 loads into a plain model (no FSDP), checks it, steps, saves from 1 rank.
         if rank == 0:
@@ -111,14 +113,7 @@ def _dcp_checks(rank: int, world: int, root: str, killed: str) -> None:
         dist.barrier()
 
         # ... and 1 -> 2: both ranks load what one process saved, then step as before.
-        back = sharded_model(mode)
-        bopt = resu.ResuAdamW(back.parameters(), **LR)
-        _load(back, bopt, saved_1)
-        for name, w in full_weights(back).items():
-            assert torch.equal(w, at_save[name]), f"{mode}: {name} differs after 1 -> 2"
-        _step(back, bopt, x[rank::2], y[rank::2])
-        for name, w in full_weights(back).items():
-            assert torch.equal(w, uninterrupted[name]), f"{mode}: {name} differs after a step on 1 -> 2"
+        _resume(sharded_model(mode), saved_1, x, y, rank, at_save, uninterrupted, f"{mode}, 1 -> 2")
 
 
 def test_dcp_save_resume_reshard(tmp_path):
