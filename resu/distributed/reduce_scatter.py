@@ -32,16 +32,15 @@ except ImportError:  # pragma: no cover - older torch: fully_shard keeps its den
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _trainable_flags(full: torch.Tensor, rank: int, world: int, padded_numel: int, device) -> torch.Tensor:
-    """Bool over rank ``rank``'s padded shard of ``full``: True at the slots that train."""
+def _trainable_flags(full: torch.Tensor, world: int, padded_numel: int, device) -> torch.Tensor:
+    """(world, padded_numel) bool: row r is rank r's padded shard of ``full``, True at the slots that
+    train. The mask is decoded once for all ranks (each rank's rows are a contiguous block of it)."""
     if not isinstance(full, ResuParameter) or full.mode is ResuMode.DENSE:
-        return torch.ones(padded_numel, dtype=torch.bool, device=device)
-    rows = full.shape[0] // world
-    cols = full.numel() // full.shape[0]
-    pruned = full._pruned_bool().view(full.shape[0], cols)[rank * rows:(rank + 1) * rows].reshape(-1)
+        return torch.ones(world, padded_numel, dtype=torch.bool, device=device)
+    pruned = full._pruned_bool().reshape(world, -1)  # rows split evenly over the ranks
     keep = pruned if full.mode.trains_theta else ~pruned
-    if keep.numel() < padded_numel:
-        keep = torch.cat([keep, keep.new_zeros(padded_numel - keep.numel())])
+    if keep.shape[1] < padded_numel:
+        keep = torch.cat([keep, keep.new_zeros(world, padded_numel - keep.shape[1])], dim=1)
     return keep.to(device)
 
 
@@ -67,14 +66,12 @@ class CompactReduceScatter(_ReduceScatterBase or object):
         """(world, chunk) bool: True where a chunk position trains. Rebuilt at each call from the full
         weights' masks (a cache of positions would hold 8 bytes per trainable slot for the whole run)."""
         fulls = [getattr(fp, "_unsharded_param", None) for fp in self.fsdp_params]
-        per_rank = []
-        for r in range(world):
-            per_rank.append(torch.cat([
-                _trainable_flags(full, r, world, fp.padded_sharded_param_size.numel(), device)
-                for fp, full in zip(self.fsdp_params, fulls)
-            ]))
+        trainable = torch.cat([
+            _trainable_flags(full, world, fp.padded_sharded_param_size.numel(), device)
+            for fp, full in zip(self.fsdp_params, fulls)
+        ], dim=1)
         key = tuple((id(f), f.resu_layout.layout_id if isinstance(f, ResuParameter) else 0) for f in fulls) + (world,)
-        return torch.stack(per_rank), key
+        return trainable, key
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         world = dist.get_world_size(group)
