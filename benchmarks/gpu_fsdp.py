@@ -221,12 +221,41 @@ def run_config(cfg, mode, sparsity, args, device) -> dict:
     _sync(device)
     elapsed = time.perf_counter() - start
     tokens = args.batch * args.seq * args.steps * dist.get_world_size()
+    if args.profile:
+        profile_steps(step, device, f"{mode}_{sparsity}", args.profile)
     result = {
         "mode": mode, "sparsity": sparsity, "params": n_params(model), "tokens_per_s": tokens / elapsed,
         "persistent_bytes_per_gpu": stored, "held_bytes_per_gpu": held, "peak_bytes_per_gpu": _peak(device),
         "loss": loss.item(),
     }
     return result  # the model, optimizer and step closure are freed with this frame
+
+
+def profile_steps(step, device: torch.device, tag: str, folder: str, steps: int = 2) -> None:
+    """``steps`` more steps under torch.profiler; rank 0 writes the kernel table (by device time) and the
+    host table (by own CPU time) to ``folder/profile_<tag>.txt`` and prints the step's split."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    if dist.get_rank() != 0:
+        return
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"profile_{tag}.txt"), "w") as f:
+        f.write(f"{tag}: {wall_ms:.1f} ms per step under the profiler, device kernels {kernel_us / 1e3:.1f} ms per step\n\n")
+        f.write(events.table(sort_by=device_key, row_limit=40))
+        f.write("\n\nby own host time\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
+    print(f"  profile {tag}: {wall_ms:.1f} ms/step, device kernels {kernel_us / 1e3:.1f} ms/step", flush=True)
 
 
 # ---------------------------------------------------------------------- driver
@@ -297,6 +326,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    parser.add_argument("--profile", metavar="FOLDER", help="profile 2 more steps per mode; tables go to FOLDER")
     parser.add_argument("--modes", nargs="*", choices=("dense", "resu", "qresu"), help="subset of modes to run")
     args = parser.parse_args()
     defaults = dict(batch=2, seq=32, steps=2, warmup=1) if args.smoke else dict(batch=4, seq=2048, steps=10, warmup=3)
