@@ -60,7 +60,6 @@ __all__ = [
     "zero_pruned",
 ]
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class MaskEncoding(str, enum.Enum):
@@ -160,8 +159,7 @@ def _encode_as(pruned: torch.Tensor, encoding: MaskEncoding | str) -> torch.Tens
     nb = _bitmap_len(n)
     bits = torch.zeros(nb * 8, dtype=torch.int32, device=flat.device)
     bits[:n] = flat.to(torch.int32)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=flat.device)
-    return (bits.view(nb, 8) * weights).sum(dim=1).to(torch.uint8)
+    return (bits.view(nb, 8) << _bit_positions(flat.device, torch.int32)).sum(dim=1).to(torch.uint8)
 
 
 def encode_pruned(pruned: torch.Tensor) -> tuple[torch.Tensor, MaskEncoding]:
@@ -215,17 +213,25 @@ def _check_compact(compact: torch.Tensor, length: int, flat: torch.Tensor) -> to
     return compact.reshape(length).to(dtype=flat.dtype)
 
 
+def _bit_positions(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """0..7 made on ``device`` by a kernel. A constant built on the host (``torch.tensor(...,
+    device=cuda)``) is a copy from pageable memory, which waits for every queued kernel: run in each
+    backward (FSDP2's gradient copy-in and reduce-scatter), that wait cost the overlap of
+    communication and compute."""
+    return torch.arange(8, dtype=dtype, device=device)
+
+
 def _unpack_bits(storage: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 bitmap -> flat bool of ``numel`` (bit set = True)."""
-    bit = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=storage.device)
-    return torch.bitwise_and(storage.unsqueeze(1), bit).ne(0).reshape(-1)[:numel]
+    """uint8 bitmap -> flat bool of ``numel`` (bit set = True). No host sync (see :func:`_bit_positions`)."""
+    bits = torch.bitwise_right_shift(storage.unsqueeze(1), _bit_positions(storage.device, torch.uint8))
+    return torch.bitwise_and(bits, 1).ne(0).reshape(-1)[:numel]
 
 
 def _index_to_bool(index: torch.Tensor, numel: int, value: bool) -> torch.Tensor:
-    """Flat bool of ``numel``: ``value`` at ``index`` (int32 or int64), ``not value`` elsewhere."""
+    """Flat bool of ``numel``: ``value`` at ``index`` (int32 or int64), ``not value`` elsewhere. No host sync."""
     fill = torch.zeros if value else torch.ones
     out = fill(numel, dtype=torch.bool, device=index.device)
-    return out.index_put((index,), torch.tensor(value, device=index.device))
+    return out.index_put((index,), torch.full((), value, dtype=torch.bool, device=index.device))
 
 
 def _compact_true(flags: torch.Tensor, count: int) -> torch.Tensor:
