@@ -121,7 +121,8 @@ def n_params(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------- one configuration
-def build(cfg: DecoderConfig, mode: str, sparsity: float, device: torch.device, compile_blocks: bool):
+def build(cfg: DecoderConfig, mode: str, sparsity: float, device: torch.device, compile_blocks: bool,
+          compact_reduce_scatter: bool = True):
     """The decoder in ``mode``, sharded over the default process group, and its optimizer."""
     import resu
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -137,8 +138,12 @@ def build(cfg: DecoderConfig, mode: str, sparsity: float, device: torch.device, 
             resu.enter_resu_(model, epsilon=0.1)
         else:
             resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=128, epsilon=0.1)
-    shard = torch_fully_shard if mode == "dense" else resu.distributed.fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if mode == "dense":
+        shard = torch_fully_shard
+    else:
+        def shard(module, **kwargs):
+            return resu.distributed.fully_shard(module, compact_reduce_scatter=compact_reduce_scatter, **kwargs)
     for block in model.blocks:
         shard(block, mp_policy=policy)
         if compile_blocks:
@@ -193,7 +198,7 @@ def run_config(cfg, mode, sparsity, args, device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, opt = build(cfg, mode, sparsity, device, args.compile)
+    model, opt = build(cfg, mode, sparsity, device, args.compile, not args.dense_reduce_scatter)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -244,12 +249,20 @@ def profile_steps(step, device: torch.device, tag: str, folder: str, steps: int 
             step()
         _sync(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    os.makedirs(folder, exist_ok=True)
+    if os.environ.get("RESU_BENCH_TRACE"):  # every rank's timeline, to compare when the ranks reach each collective
+        import gzip
+
+        path = os.path.join(folder, f"trace_{tag}_rank{dist.get_rank()}.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+            dst.write(src.read())
+        os.remove(path)
     if dist.get_rank() != 0:
         return
     events = prof.key_averages()
     device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
-    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"profile_{tag}.txt"), "w") as f:
         f.write(f"{tag}: {wall_ms:.1f} ms per step under the profiler, device kernels {kernel_us / 1e3:.1f} ms per step\n\n")
         f.write(events.table(sort_by=device_key, row_limit=40))
@@ -326,6 +339,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; smoke 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    parser.add_argument("--dense-reduce-scatter", action="store_true",
+                        help="sparse modes reduce-scatter dense gradients (FSDP2's own), not compact ones")
     parser.add_argument("--profile", metavar="FOLDER", help="profile 2 more steps per mode; tables go to FOLDER")
     parser.add_argument("--modes", nargs="*", choices=("dense", "resu", "qresu"), help="subset of modes to run")
     args = parser.parse_args()
