@@ -699,6 +699,43 @@ def test_launch_checks_refuse_every_mismatch(launcher):
     assert refused >= 5
 
 
+def _dequant_merge_scalar_tampers(kwargs):
+    """Scalar changes aimed at the fast path's cache key: values equal to valid ones but of another type
+    (a float or bool hashes like the int it equals), other decodes, an encoding given as its enum."""
+    for arg in ("rows", "cols", "bits", "group_cols", "row_stride", "n_pruned"):
+        yield f"{arg} as float", {**kwargs, arg: float(kwargs[arg])}
+        if kwargs[arg] in (0, 1):
+            yield f"{arg} as bool", {**kwargs, arg: bool(kwargs[arg])}
+    for decode in ("nf4", "nf4_dq", "bogus", None, ["affine"]):
+        yield f"decode {decode!r}", {**kwargs, "decode": decode}
+    yield "encoding unhashable", {**kwargs, "encoding": [kwargs["encoding"]]}
+    yield "encoding as enum", {**kwargs, "encoding": MaskEncoding(kwargs["encoding"])}
+
+
+@pytest.mark.parametrize("launcher", sorted(k for k in LAUNCH_CASES if k.startswith("dequant_merge")))
+def test_dequant_merge_fast_check_accepts_only_what_the_full_check_accepts(launcher):
+    """check_launch_dequant_merge answers most calls from expectations cached per shape and format; with
+    that cache warm from a valid call, every tampered call must still get the full check's own verdict
+    (the same error, or acceptance where the full check accepts)."""
+    from resu.compile import launch_checks
+
+    fn, kwargs = LAUNCH_CASES[launcher]
+    assert launch_checks._dequant_merge_accepts(**{"decode": "affine", **kwargs})  # the common case is fast
+    compared = 0
+    for what, bad in [*_launch_tampers(kwargs), *_dequant_merge_scalar_tampers(kwargs)]:
+        fn(**kwargs)  # warm
+        try:
+            launch_checks._check_dequant_merge_in_full(**bad)
+        except ValueError as full:
+            with pytest.raises(ValueError) as got:
+                fn(**bad)
+            assert str(got.value) == str(full), what
+        else:
+            fn(**bad)  # accepted by both
+        compared += 1
+    assert compared >= 20
+
+
 def test_launch_checks_never_read_device_data():
     # Meta tensors have no data: a check that read values would fail on them.
     for launcher, (fn, kwargs) in LAUNCH_CASES.items():

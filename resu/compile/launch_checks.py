@@ -8,7 +8,7 @@ cannot see (popcounts, index values) are guaranteed when data is loaded
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
@@ -117,7 +117,105 @@ def check_launch_dequant_merge(
     """Before ``triton_qresu.dequant_merge_triton``: packed codes for ``rows × cols`` slots, one scale
     per block the indexing ``row * row_stride + col // group_cols`` can reach (8-bit codes under double
     quantization), zero points as ``decode`` stores them, θ of ``n_pruned``, and mask storage of the
-    encoding's length."""
+    encoding's length.
+
+    It runs on every forward and input gradient of every QRESU layer, so the common case is one
+    function: the lengths and dtypes the scalar arguments imply are computed once per shape and format
+    (:func:`_dequant_merge_expect`), and each tensor costs a few attribute reads. Anything it does not
+    accept goes through the full check, which raises the error naming the argument.
+    """
+    if _dequant_merge_accepts(qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols,
+                              row_stride, decode):
+        return
+    _check_dequant_merge_in_full(qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols,
+                                 row_stride, decode)
+
+
+class _DequantMergeExpect(NamedTuple):
+    """What valid scalar arguments of ``dequant_merge`` imply about its tensors."""
+
+    numel: int
+    packed: int  # code bytes
+    n_scales: int
+    scale_codes: bool  # scales are 8-bit codes (double quantization), else floating
+    n_zero: int
+    storage_len: Optional[int]  # None: depends on n_pruned (index encodings)
+    storage_dtype: torch.dtype
+    pruned_listed: bool  # index encodings: the list holds the pruned slots (else the active ones)
+
+
+_EXPECT: dict[tuple, Optional[_DequantMergeExpect]] = {}
+
+
+def _dequant_merge_expect(encoding, rows, cols, bits, group_cols, row_stride, decode) -> Optional[_DequantMergeExpect]:
+    """The tensors' expected lengths and dtypes, or None if a scalar argument is invalid (every
+    scalar condition of the full check; the ints are exact ints, checked by the caller)."""
+    if rows < 0 or cols < 0 or bits not in BITS or group_cols < 1:
+        return None
+    if not (row_stride == 0 or row_stride >= -(-max(cols, 1) // group_cols)):
+        return None
+    try:
+        enc = MaskEncoding(encoding)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(decode, str) or decode not in DECODES or (decode != "affine" and (bits != 4 or row_stride == 0)):
+        return None
+    numel = rows * cols
+    n_scales = 1 if row_stride == 0 else rows * row_stride
+    n_zero = {"affine": n_scales, "nf4": 0}.get(decode, 2 * -(-max(n_scales, 1) // DOUBLE_QUANT_GROUP))
+    storage_len = _storage_len(enc, numel, 0) if enc is MaskEncoding.BITMAP else None
+    return _DequantMergeExpect(numel, (numel + 1) // 2 if bits == 4 else numel, n_scales, decode.endswith("_dq"),
+                               n_zero, storage_len, _storage_dtype(enc), enc is MaskEncoding.PRUNED_INDICES)
+
+
+def _dequant_merge_accepts(qdata, scale, zero, theta, storage, encoding, n_pruned, rows, cols, bits, group_cols,
+                           row_stride, decode) -> bool:
+    """Whether the full check would pass, decided from cached scalar expectations and tensor metadata.
+
+    Accepts only what the full check accepts (the same conditions, exact ints only: a float or bool
+    that would hash like an int goes to the full check), so its errors are unchanged.
+    """
+    if not (type(n_pruned) is int and type(rows) is int and type(cols) is int and type(bits) is int
+            and type(group_cols) is int and type(row_stride) is int):
+        return False
+    key = (encoding, rows, cols, bits, group_cols, row_stride, decode)
+    try:
+        exp = _EXPECT[key]
+    except KeyError:
+        if len(_EXPECT) >= 4096:  # shapes come from a model's layers: never grow without bound
+            _EXPECT.clear()
+        exp = _EXPECT[key] = _dequant_merge_expect(*key)
+    except TypeError:  # an unhashable argument: the full check says what is wrong
+        return False
+    if exp is None or not 0 <= n_pruned <= exp.numel:
+        return False
+    tensor = torch.Tensor
+    if not (isinstance(qdata, tensor) and isinstance(scale, tensor) and isinstance(zero, tensor)
+            and isinstance(theta, tensor) and isinstance(storage, tensor)):
+        return False
+    storage_len = exp.storage_len
+    if storage_len is None:
+        storage_len = n_pruned if exp.pruned_listed else exp.numel - n_pruned
+    device = qdata.device
+    return (
+        qdata.numel() == exp.packed and qdata.dtype is torch.uint8 and qdata.is_contiguous()
+        and scale.numel() == exp.n_scales
+        and (scale.dtype is torch.uint8 if exp.scale_codes else scale.is_floating_point())
+        and scale.is_contiguous() and scale.device == device
+        and zero.numel() == exp.n_zero and zero.is_floating_point() and zero.is_contiguous() and zero.device == device
+        and theta.numel() == n_pruned and theta.is_floating_point() and theta.is_contiguous()
+        and theta.device == device
+        and storage.numel() == storage_len and storage.dtype is exp.storage_dtype and storage.is_contiguous()
+        and storage.device == device
+    )
+
+
+def _check_dequant_merge_in_full(
+    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, theta: torch.Tensor, storage: torch.Tensor,
+    encoding: Union[MaskEncoding, str], n_pruned: int, rows: int, cols: int, bits: int, group_cols: int,
+    row_stride: int, decode: str = "affine",
+) -> None:
+    """Every condition of :func:`check_launch_dequant_merge`, in order; raises on the first that fails."""
     launcher = "dequant_merge"
     for arg, v in (("rows", rows), ("cols", cols)):
         if not (_is_int(v) and v >= 0):
