@@ -82,6 +82,17 @@ def _full_weights_outlive_sharding(mode: str) -> list[str]:
     return [n for n, ref in originals if ref() is not None]
 
 
+def _full_masks(model) -> list:
+    """The mask tensors of the gathered (unsharded) ResuParameters."""
+    out = []
+    for module in (model.fc1, model.fc2):
+        for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+            full = getattr(fsdp_param, "_unsharded_param", None)
+            if isinstance(full, resu.ResuParameter) and full.mode.has_mask:
+                out.append(full._mask_storage)
+    return out
+
+
 def _fsdp_checks(rank: int, world: int) -> None:
     data = batches(STEPS)
     for mode in MODES:
@@ -99,6 +110,12 @@ def _fsdp_checks(rank: int, world: int) -> None:
         for name, parts in frozen.items():
             now = local_frozen(model)[name]
             assert all(torch.equal(a, b) for a, b in zip(parts, now)), f"{mode}: frozen part of {name} moved"
+        # The full mask joined at the first all-gather is kept (not rebuilt per all-gather), so the
+        # kernels' per-mask caches stay valid from step to step.
+        masks = _full_masks(model)
+        assert len(masks) == 2, mode
+        train(model, rank, data[:1])
+        assert all(a is b for a, b in zip(masks, _full_masks(model))), f"{mode}: the full mask was rebuilt"
         # ResuAdamW's states are this rank's compact slots only (never the full weight's).
         for p in (model.fc1.weight, model.fc2.weight):
             shard = p._local_tensor

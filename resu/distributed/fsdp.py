@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.distributed.fsdp  # noqa: F401  (registers torch.ops.fsdp.*)
 import torch.nn as nn
 
+from resu.compile import registry
 from resu.distributed.reduce_scatter import install_compact_reduce_scatter
 from resu.distributed.row_shards import ShardInfo, _give_storage, row_sharding, row_slices, shard_info
 from resu.tensors import mask_kernels as mask_ops
@@ -47,8 +48,18 @@ from resu.tensors.resu_parameter import ResuParameter
 @compact_grad_op(torch.ops.fsdp.chunk_cat.default)
 def _chunk_cat(func, args, kwargs):
     """FSDP2's reduce-scatter copy-in: a CompactGrad enters the dense buffer with zeros at its frozen slots."""
-    grads = [g.to_dense() if isinstance(g, CompactGrad) else g for g in args[0]]
+    grads = [_dense(g) if isinstance(g, CompactGrad) else g for g in args[0]]
     return func(grads, *args[1:], **kwargs)
+
+
+def _dense(g: CompactGrad) -> torch.Tensor:
+    """``g.to_dense()``; on CUDA with a bitmap mask one Triton launch (this runs for every weight in
+    every backward, where the reference's dozen host-side ops kept the GPU waiting)."""
+    if g.encoding is MaskEncoding.BITMAP and registry.use_triton(g.values, g.mask_storage):
+        from resu.compile.triton_scatter import scatter_bitmap
+
+        return scatter_bitmap(g.values, g.mask_storage, g.numel(), True).view(g.shape)
+    return g.to_dense()
 
 
 # ---------------------------------------------------------------------- all-gather extension hooks
@@ -104,9 +115,15 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
             return None
         return ResuParameter(p.resu_layout, {"_weight": weight}), ()
     info = shard_info(p)
-    # The mask is a tensor of its own, not a view of FSDP2's buffers: the CompactGrad of the full weight
-    # holds it until the reduce-scatter, after FSDP2 has freed those buffers.
-    mask = _join_bitmaps(outputs[-1], world, local_numel, numel).clone()
+    if out is not None and getattr(out, "_resu_mask_of", None) is info:
+        # A sharded weight's mask cannot change (shard_info refuses; a checkpoint load that changes it makes
+        # a new ShardInfo), so the full mask joined at an earlier all-gather is still right. Keeping that
+        # tensor keeps the per-mask caches of the kernels (block offsets) valid across steps.
+        mask = out._mask_storage
+    else:
+        # The mask is a tensor of its own, not a view of FSDP2's buffers: the CompactGrad of the full weight
+        # holds it until the reduce-scatter, after FSDP2 has freed those buffers.
+        mask = _join_bitmaps(outputs[-1], world, local_numel, numel).clone()
     owned = []
     full = info.full_layout.replace(n_pruned=sum(info.theta_counts), encoding=MaskEncoding.BITMAP)
     if mode is ResuMode.QRESU:
@@ -128,13 +145,16 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
         # The copy keeps version counters, as FSDP2 does for its own buffers: a backward that saved these
         # tensors (a compiled block re-gathered in backward) reads the same values again.
         out._mask_storage = mask
+        out._resu_mask_of = info
         for name, t in inner.items():
             mine = getattr(out, name)
             if name != "_mask_storage" and mine.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
                 with torch.autograd._unsafe_preserve_version_counter(mine):
                     mine.copy_(t)
         return None
-    return ResuParameter(full, inner, shape=shape), tuple(owned)
+    gathered = ResuParameter(full, inner, shape=shape)
+    gathered._resu_mask_of = info
+    return gathered, tuple(owned)
 
 
 # ---------------------------------------------------------------------- fully_shard
