@@ -111,3 +111,79 @@ def test_qlinear_reference_computes_in_the_compute_dtype():
     with torch.no_grad():
         out = qlinear_reference(x, *args, b, torch.bfloat16)
     assert out.dtype == torch.bfloat16
+
+
+# Shapes and launch settings that reach each compile-time path of the kernel, with the path each must
+# take: (shape, format, block, num_warps, scale mode, bounds). Bounds: whole programs (no masks), whole
+# tile rows (row masks), partial rows (slot masks). Settings with fewer tile rows than threads, one row
+# per thread and several rows per thread are all present.
+T = triton_qresu
+PATH_CASES = [
+    ((8, 64), QuantFormat(4, "per_channel"), 64, 1, T.SCALE_FLAT_PROGRAM, T.BOUNDS_NONE),
+    ((8, 64), QuantFormat(4, "per_group", 16), 64, 1, T.SCALE_FLAT_ROW, T.BOUNDS_NONE),
+    ((16, 128), QuantFormat(4, "per_group", 32), 512, 1, T.SCALE_FLAT_ROW, T.BOUNDS_NONE),
+    ((16, 128), QuantFormat(8, "per_channel"), 128, 4, T.SCALE_FLAT_PROGRAM, T.BOUNDS_NONE),
+    ((8, 64), QuantFormat(4, "nf4", 16, double_quant=True), 32, 1, T.SCALE_FLAT_ROW, T.BOUNDS_NONE),
+    ((8, 64), QuantFormat(4, "nf4", 64, double_quant=True), 32, 1, T.SCALE_FLAT_PROGRAM, T.BOUNDS_NONE),
+    ((8, 40), QuantFormat(4, "nf4", 8), 128, 1, T.SCALE_FLAT_ROW, T.BOUNDS_ROW),
+    ((6, 40), QuantFormat(4, "per_group", 16), 32, 1, T.SCALE_ROW, T.BOUNDS_ROW),
+    ((7, 24), QuantFormat(8, "per_group", 16), 16, 2, T.SCALE_ROW, T.BOUNDS_ROW),
+    ((5, 13), QuantFormat(4, "per_group", 4), 32, 1, T.SCALE_SLOT, T.BOUNDS_SLOT),
+    ((4, 32), QuantFormat(8, "per_tensor"), 16, 1, T.SCALE_TENSOR, T.BOUNDS_NONE),
+    ((3, 7), QuantFormat(4, "per_tensor"), 16, 1, T.SCALE_TENSOR, T.BOUNDS_SLOT),
+]
+
+
+def _at_odd_address(t):
+    """A copy of ``t`` whose data starts one byte past an aligned address (a view into a larger buffer)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:]
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.value)
+@pytest.mark.parametrize("case", range(len(PATH_CASES)))
+@pytest.mark.parametrize("variant", ["plain", "odd_qdata", "bf16_theta"])
+def test_dequant_merge_launch_paths_match_reference(device, encoding, case, variant):
+    """Bit for bit against the reference on every path: scale lookup, bounds masking, 4-bit codes read as
+    aligned words or as bytes (codes at an odd address), fp32 and bf16 θ (the θ load falls back to the
+    dequantized value only for fp32 θ), at block/warp settings other than the defaults."""
+    shape, fmt, block, warps, scale_mode, bounds = PATH_CASES[case]
+    args, pruned = _case(shape, 0.5, encoding, fmt, device, seed=case)
+    if variant == "odd_qdata":
+        args = (_at_odd_address(args[0]),) + args[1:]
+    if variant == "bf16_theta":
+        args = args[:3] + (args[3].bfloat16(),) + args[4:]
+    plan = triton_qresu._plan_for(*args[5:6], *args[7:13], torch.float32, block, warps, args[0].data_ptr() % 4 == 0)
+    assert (plan.scale_mode, plan.bounds) == (scale_mode, bounds)
+    assert plan.code_words == (fmt.bits == 4 and variant != "odd_qdata" and shape[0] * shape[1] % 8 == 0)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = triton_qresu.dequant_merge_triton(*args, dtype, block=block, num_warps=warps)
+        ref = dequant_merge_reference(*args, dtype)
+        assert got.dtype == dtype and got.shape == shape
+        assert torch.equal(got.view(torch.int32 if dtype == torch.float32 else torch.int16),
+                           ref.view(torch.int32 if dtype == torch.float32 else torch.int16))
+    assert torch.equal(got.reshape(-1)[pruned], args[3].bfloat16())  # θ in the pruned slots, in order
+
+
+@pytest.mark.parametrize("bad", [dict(block=100), dict(block=8), dict(num_warps=3), dict(num_warps=0), dict(block=64.0)])
+def test_dequant_merge_refuses_launch_settings_that_are_not_powers_of_two(bad):
+    args, _ = _case((4, 32), 0.5, mask_ops.MaskEncoding.BITMAP, FORMATS[0], "cpu", 0)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        triton_qresu.dequant_merge_triton(*args, torch.float32, **bad)
+
+
+def test_launch_defaults_come_from_the_environment(monkeypatch):
+    """RESU_QRESU_QBLOCK / RESU_QRESU_NUM_WARPS set the defaults (read at import); a bad value is an
+    error naming the variable, not a silent fallback."""
+    monkeypatch.setenv("RESU_QRESU_QBLOCK", "2048")
+    assert triton_qresu._setting_from_env("RESU_QRESU_QBLOCK", 1024, 16) == 2048
+    monkeypatch.delenv("RESU_QRESU_QBLOCK")
+    assert triton_qresu._setting_from_env("RESU_QRESU_QBLOCK", 1024, 16) == 1024
+    for raw in ("1000", "eight", "0"):
+        monkeypatch.setenv("RESU_QRESU_NUM_WARPS", raw)
+        with pytest.raises(ValueError, match="RESU_QRESU_NUM_WARPS"):
+            triton_qresu._setting_from_env("RESU_QRESU_NUM_WARPS", 2, 1)

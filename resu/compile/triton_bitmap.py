@@ -80,6 +80,23 @@ def _popcount8(x):
 
 
 @triton.jit
+def byte_prefix(byte, bit):
+    """Per mask byte (``byte``: uint32 values in 0..255, one per tile row; ``bit``: ``tl.arange(0, 8)``):
+    the set bits below each bit position, ``(rows, 8)`` int32, and the byte's popcount, ``(rows,)`` int32.
+
+    Integer arithmetic on the whole byte (the bits spread to one nibble each, then one multiply sums
+    every nibble prefix at once), so the per-slot work is one shift and one mask instead of an in-row
+    scan and a subtraction.
+    """
+    x = (byte | (byte << 12)) & 0x000F000F
+    x = (x | (x << 6)) & 0x03030303
+    x = (x | (x << 3)) & 0x11111111  # bit j of the byte at bit 4j
+    incl = x * 0x11111111  # nibble j: set bits at positions <= j (at most 8: no carry between nibbles)
+    before = ((incl << 4)[:, None] >> (bit[None, :] * 4).to(tl.uint32)) & 15
+    return before.to(tl.int32), (incl >> 28).to(tl.int32)
+
+
+@triton.jit
 def tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK: tl.constexpr):
     """This program's ``BLOCK`` slots as a ``(BLOCK // 8, 8)`` tile: flat offsets, selected flags, compact ranks.
 
