@@ -116,14 +116,11 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
         return ResuParameter(p.resu_layout, {"_weight": weight}), ()
     info = shard_info(p)
     if out is not None and getattr(out, "_resu_mask_of", None) is info:
-        # A sharded weight's mask cannot change (shard_info refuses; a checkpoint load that changes it makes
-        # a new ShardInfo), so the full mask joined at an earlier all-gather is still right. Keeping that
-        # tensor keeps the per-mask caches of the kernels (block offsets) valid across steps.
-        mask = out._mask_storage
-    else:
-        # The mask is a tensor of its own, not a view of FSDP2's buffers: the CompactGrad of the full weight
-        # holds it until the reduce-scatter, after FSDP2 has freed those buffers.
-        mask = _join_bitmaps(outputs[-1], world, local_numel, numel).clone()
+        _refill(out, outputs, info, mode, world, local_numel, numel)
+        return None
+    # The mask is a tensor of its own, not a view of FSDP2's buffers: the CompactGrad of the full weight
+    # holds it until the reduce-scatter, after FSDP2 has freed those buffers.
+    mask = _join_bitmaps(outputs[-1], world, local_numel, numel).clone()
     owned = []
     full = info.full_layout.replace(n_pruned=sum(info.theta_counts), encoding=MaskEncoding.BITMAP)
     if mode is ResuMode.QRESU:
@@ -141,20 +138,54 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
     else:
         inner = {"_weight": outputs[0], "_mask_storage": mask}
     if out is not None:
-        # A later all-gather into the same full weight: the views already see the new data; copy the rest.
-        # The copy keeps version counters, as FSDP2 does for its own buffers: a backward that saved these
-        # tensors (a compiled block re-gathered in backward) reads the same values again.
+        # A later all-gather into a full weight whose mask came from another ShardInfo (a checkpoint load
+        # changed the shards' masks): take the new mask, and copy what is not a view of the new buffers.
         out._mask_storage = mask
-        out._resu_mask_of = info
         for name, t in inner.items():
             mine = getattr(out, name)
             if name != "_mask_storage" and mine.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
                 with torch.autograd._unsafe_preserve_version_counter(mine):
                     mine.copy_(t)
+        out._resu_mask_of = info
         return None
     gathered = ResuParameter(full, inner, shape=shape)
+    # The mask is joined once per ShardInfo: a sharded weight's mask cannot change (shard_info refuses; a
+    # checkpoint load that changes it makes a new ShardInfo). Later all-gathers keep this mask tensor, so
+    # the kernels' per-mask caches (block offsets) stay valid from step to step.
     gathered._resu_mask_of = info
     return gathered, tuple(owned)
+
+
+def _refill(out: ResuParameter, outputs, info: ShardInfo, mode: ResuMode, world: int, local_numel: int, numel: int):
+    """A later all-gather into the same full weight (every step): the views of FSDP2's buffers already
+    see the new data and the mask is kept; copy in what is not a view (QRESU's θ, codes of odd-sized
+    shards). The copies keep version counters, as FSDP2 does for its own buffers: a backward that saved
+    these tensors (a compiled block re-gathered in backward) reads the same values again."""
+    if mode is not ResuMode.QRESU:
+        weight = outputs[0]
+        if out._weight.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            with torch.autograd._unsafe_preserve_version_counter(out._weight):
+                out._weight.copy_(weight)
+        return
+    qdata, theta_padded = outputs[0], outputs[3]
+    with torch.autograd._unsafe_preserve_version_counter(out._theta):
+        if len(set(info.theta_counts)) == 1:  # equal shards: one strided copy
+            cap = info.capacity
+            out._theta.view(world, cap).copy_(theta_padded.view(world, cap))
+        else:
+            start, cap = 0, info.capacity
+            for r, n in enumerate(info.theta_counts):
+                out._theta[start: start + n].copy_(theta_padded[r * cap: r * cap + n])
+                start += n
+    if out._qdata.untyped_storage().data_ptr() != qdata.untyped_storage().data_ptr():
+        codes = _join_codes(qdata, world, local_numel, numel, out.resu_layout.qformat.bits)
+        with torch.autograd._unsafe_preserve_version_counter(out._qdata):
+            out._qdata.copy_(codes)
+    for name, gathered in (("_qscale", outputs[1]), ("_qzero", outputs[2])):
+        mine = getattr(out, name)
+        if mine.numel() and mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
+            with torch.autograd._unsafe_preserve_version_counter(mine):
+                mine.copy_(gathered.reshape(mine.shape))
 
 
 # ---------------------------------------------------------------------- fully_shard
