@@ -69,8 +69,11 @@ def pre_all_gather(p: ResuParameter, mesh, outer_size, outer_stride, module, mp_
     param_dtype = getattr(mp_policy, "param_dtype", None) or p.dtype
     if p.mode is ResuMode.QRESU:
         theta = p._theta.to(param_dtype)
-        padded = theta.new_zeros(info.capacity)
-        padded[: theta.numel()] = theta
+        if theta.numel() == info.capacity:  # the largest shard (every shard, when the counts are equal)
+            padded = theta
+        else:
+            padded = theta.new_zeros(info.capacity)
+            padded[: theta.numel()] = theta
         scale, zero = p._qscale, p._qzero
         inputs = (p._qdata, scale.reshape(-1) if scale.dim() == 0 else scale,
                   zero.reshape(-1) if zero.dim() == 0 else zero, padded, p._mask_storage)

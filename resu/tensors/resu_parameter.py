@@ -271,7 +271,11 @@ class ResuParameter(torch.Tensor):
         return mask_ops.active_flat_indices(*self._mask_args())
 
     def _gather_pruned(self, dense: torch.Tensor) -> torch.Tensor:
-        return mask_ops.gather_pruned(dense.reshape(-1), *self._mask_args())
+        """The pruned slots of ``dense`` (this weight's shape), ascending: ``resu::gather_masked``, one
+        Triton launch on CUDA with a bitmap mask (the optimizer gathers an FSDP2 shard's dense gradient
+        with it in every step), the reference elsewhere."""
+        layout = self._layout
+        return torch.ops.resu.gather_masked(dense, self._mask_storage, layout.encoding_name, layout.n_pruned, True, dense.dtype)
 
     def _gather_active(self, dense: torch.Tensor) -> torch.Tensor:
         return mask_ops.gather_active(dense.reshape(-1), *self._mask_args())
