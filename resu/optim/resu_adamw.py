@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+from torch.optim import adamw as torch_adamw
 
 from resu.compile.adamw_math import adamw_update_
 from resu.distributed.optim import attach_dtensor_hooks
@@ -45,8 +46,10 @@ class ResuAdamW(torch.optim.Optimizer):
     steps are stepped together, in one multi-tensor launch on CUDA; ``foreach=False`` steps them one
     at a time (the same numbers bitwise on CPU; on CUDA the two compiled kernels round differently
     where the compiler fuses multiply-adds, as torch.optim's foreach and for-loop paths may).
-    ``fused`` is accepted for signature compatibility and ignored; ``capturable`` and
-    ``differentiable`` are not supported.
+    On CUDA, plain parameters (not ResuParameters) of such a group are stepped by torch's own
+    multi-tensor AdamW (its fused kernel when ``fused=True``), as ``torch.optim.AdamW`` would step them;
+    elsewhere, and with ``foreach=False``, one at a time. ``capturable`` and ``differentiable`` are not
+    supported.
 
     ``selective`` (a :class:`~resu.optim.selection_config.SelectionConfig`, default None) turns on RESU-Selective
     for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
@@ -257,6 +260,9 @@ class ResuAdamW(torch.optim.Optimizer):
             # and stepped together (one launch on CUDA) unless ``foreach=False`` asks for one at a time;
             # the results are the same either way.
             jobs: Optional[list[StepJob]] = None if group["foreach"] is False or group["amsgrad"] else []
+            # Plain CUDA parameters (embeddings, norms, heads) take torch's multi-tensor AdamW under the same
+            # rule, instead of about seven launches each.
+            plain: Optional[list[torch.Tensor]] = None if jobs is None else []
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -268,11 +274,26 @@ class ResuAdamW(torch.optim.Optimizer):
                     self._step_selective(p, group["amsgrad"], selective, hyper)
                 elif jobs is not None and (n := self._n_trainable(p)) is not None:
                     jobs.append(self._slot_job(p, amsgrad=False, n=n, grad=grad))
+                elif plain is not None and _multi_tensor_ready(p, grad):
+                    plain.append(p)
                 else:
                     self._step_param(p, group["amsgrad"], hyper)
             if jobs:
                 adamw_steps_(jobs, **hyper)
+            if plain:
+                self._step_plain(plain, group, hyper)
         return loss
+
+    def _step_plain(self, params: list, group: dict, hyper: dict) -> None:
+        """torch's AdamW (``foreach``, or ``fused`` when the group asks for it) over plain CUDA parameters:
+        what ``torch.optim.AdamW`` does with them, states in the same layout as :meth:`_step_param`'s."""
+        states = [self._prepare_state(p, None, False) for p in params]
+        torch_adamw.adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], foreach=not group["fused"], fused=bool(group["fused"]) or None,
+            amsgrad=False, beta1=hyper["beta1"], beta2=hyper["beta2"], lr=hyper["lr"],
+            weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=hyper["maximize"],
+        )
 
     @staticmethod
     def _selection_for(p: torch.Tensor, group: dict) -> Optional[SelectionConfig]:
@@ -335,6 +356,15 @@ class ResuAdamW(torch.optim.Optimizer):
         elif not isinstance(target, MaskedSlots):
             grad = p._gather_pruned(grad)
         return StepJob(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()))
+
+
+def _multi_tensor_ready(p: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether ``p`` can join torch's multi-tensor AdamW: a plain fp32/bf16/fp16 CUDA tensor (not a
+    ResuParameter) with a plain dense gradient of its own dtype."""
+    return (
+        p.is_cuda and type(p) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16) and grad.dtype == p.dtype
+    )
 
 
 def _check_selective(selective: Any, amsgrad: bool) -> None:
