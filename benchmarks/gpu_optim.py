@@ -10,8 +10,13 @@ Each row times ``opt.step()`` alone, the gradients already in place (three sets,
 - one weight (``--shape``, default 4096×11008, sparsity ``--sparsity``): ``torch.optim.AdamW(fused=True)``
   on the dense weight; ``resu.ResuAdamW`` on the RESU weight (θ in the pruned slots, bitmap mask) and
   on the QRESU weight (θ vector, 4-bit per-group codes); the RESU-Selective consistency step.
-- the RESU-Selective step with its thresholds by radix select (``kth_largest_key``) instead of top-k,
-  and the two threshold selects alone, both ways.
+- the RESU-Selective step with its two thresholds by ``torch.topk`` (``selective``) and by the exact
+  sample select fused into the consistency pass (``selective-radix``, the CUDA default; the row keeps
+  its name from the radix select it replaced);
+- the two threshold selects alone by top-k and by ``kth_largest_key`` (the sample select with its own
+  pass over the keys; ``select-radix``), and the selection without the AdamW pass (keys, EMA /
+  consistency pass, both thresholds) for each ``consistency.select_impl`` ("topk", "key", "fused"),
+  next to the consistency pass alone, the floor every way pays.
 - many weights (``--count`` weights of ``--many-shape``): the same optimizers over all of them, and
   ResuAdamW with ``foreach=False`` (one launch per weight instead of one per param group).
 
@@ -96,9 +101,9 @@ def _grads(weights: list[torch.Tensor], n: int = 3) -> list[list[torch.Tensor]]:
 def optimizer_row(kind, shape, count, sparsity, device, iters) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
-    consistency.select_impl.clear()
-    if kind == "selective-radix":  # the thresholds by radix select instead of top-k (the same selection)
-        consistency.select_impl[device] = consistency.kth_largest_key
+    saved = dict(consistency.select_impl)
+    if kind.startswith("selective"):  # how the two thresholds are found (the same selection every way)
+        consistency.select_impl[device] = SELECT_OF[kind]
     layers, opt = build(kind, shape, count, sparsity, device)
     weights = [layer.weight for layer in layers]
     grads, state = _grads(weights), {"i": 0}
@@ -113,12 +118,16 @@ def optimizer_row(kind, shape, count, sparsity, device, iters) -> dict:
            "ms": time_ms(step, device, iters), "host_ms": host_ms(step, device, iters)}
     del layers, opt, grads
     consistency.select_impl.clear()
+    consistency.select_impl.update(saved)
     return row
+
+
+SELECT_OF = {"selective": "topk", "selective-radix": "fused"}
 
 
 def select_rows(n: int, device: str, iters: int) -> list[dict]:
     """The two exact thresholds of one consistency step (k = n/2 on every key, k = n/5 on the 30%
-    left eligible), by top-k (``kth_largest``) and by radix select (``kth_largest_key``)."""
+    left eligible), by top-k (``kth_largest``) and by the sample select (``kth_largest_key``)."""
     keys = consistency.selection_keys(torch.randn(n, device=device))
     screened = keys.clone()
     screened[torch.rand(n, device=device) < 0.7] = -1
@@ -126,6 +135,30 @@ def select_rows(n: int, device: str, iters: int) -> list[dict]:
     for name, fn in (("topk", consistency.kth_largest), ("radix", consistency.kth_largest_key)):
         ms = time_ms(lambda: (fn(keys, n // 2), fn(screened, n // 5)), device, iters)
         rows.append({"kind": f"select-{name}", "n": n, "ms": ms})
+    return rows
+
+
+def selection_rows(n: int, device: str, iters: int) -> list[dict]:
+    """The selection of one consistency step over n θ slots without the AdamW pass, for each
+    ``select_impl`` (``selection-<impl>``: keys, EMA/consistency pass, both thresholds), and the
+    consistency pass alone (``pass``: the floor every way pays)."""
+    config = SelectionConfig(strategy="consistency")
+    grad = torch.randn(n, device=device)
+    m, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
+    rows = []
+    saved = dict(consistency.select_impl)
+    for impl in consistency.SELECT_IMPLS:
+        consistency.select_impl[device] = impl
+        ms = time_ms(lambda: consistency.consistency_selection(grad, m, v, config, False), device, iters)
+        rows.append({"kind": f"selection-{impl}", "n": n, "ms": ms})
+    consistency.select_impl.clear()
+    consistency.select_impl.update(saved)
+    keys = consistency.selection_keys(grad)
+    screen = consistency.kth_largest(keys, config.screen_count(n))
+    work = keys.clone()
+    ms = time_ms(lambda: consistency.consistency_pass_(grad, m, v, work, screen, beta=config.beta, delta=config.delta,
+                                                        tau=config.tau_stable, maximize=False), device, iters)
+    rows.append({"kind": "pass", "n": n, "ms": ms})
     return rows
 
 
@@ -144,8 +177,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
     print(f"gpu_optim on {name}, torch {torch.__version__}, s = {args.sparsity}", flush=True)
     rows = []
-    plan = [(k, tuple(args.shape), 1) for k in ("dense", "resu", "resu-1by1", "qresu", "selective",
-                                                       "selective-radix")]
+    plan = [(k, tuple(args.shape), 1) for k in ("dense", "resu", "resu-1by1", "qresu", *SELECT_OF)]
     plan += [(k, tuple(args.many_shape), args.count) for k in ("dense", "resu", "resu-1by1", "qresu")]
     for kind, shape, count in plan:
         row = optimizer_row(kind, shape, count, args.sparsity, device, args.iters)
@@ -161,7 +193,7 @@ def main(argv=None) -> None:
     print(f"|{'-' * 18}|{'-' * 34}|{'-' * 10}|{'-' * 9}|{'-' * 8}|{'-' * 10}|")
     labels = {"dense": "AdamW(fused=True), dense", "resu": "ResuAdamW RESU (grouped)",
               "resu-1by1": "ResuAdamW RESU (foreach=False)", "qresu": "ResuAdamW QRESU pg128 (grouped)",
-              "selective": "ResuAdamW RESU selective", "selective-radix": "ResuAdamW RESU selective, radix"}
+              "selective": "ResuAdamW RESU selective, top-k", "selective-radix": "ResuAdamW RESU selective, fused"}
     for r in rows:
         what = f"{r['count']}×{r['shape'][0]}×{r['shape'][1]}"
         print(f"| {what:<16} | {labels[r['kind']]:<32} | {r['ms']:8.3f} | {r['ms'] / ref(r, 'dense')['ms']:7.3f} | "
@@ -169,9 +201,16 @@ def main(argv=None) -> None:
     n_pruned = round(args.sparsity * args.shape[0] * args.shape[1])
     selects = select_rows(n_pruned, device, args.iters)
     for r in selects:
-        print(f"threshold select ({r['kind'][7:]}), two selects over {r['n']} keys: {r['ms']:.3f} ms")
+        how = "top-k" if r["kind"] == "select-topk" else "sample select (kth_largest_key)"
+        print(f"threshold select ({how}), two selects over {r['n']} keys: {r['ms']:.3f} ms")
+    selections = selection_rows(n_pruned, device, args.iters)
+    for r in selections:
+        what = "consistency pass alone" if r["kind"] == "pass" else \
+            f"selection, select_impl {r['kind'][10:]!r} (keys, consistency pass, both thresholds)"
+        print(f"{what}, {r['n']} θ slots: {r['ms']:.3f} ms")
     with open("gpu_optim.json", "w") as fh:
-        json.dump({"device": name, "torch": torch.__version__, "rows": rows, "selects": selects}, fh, indent=1)
+        json.dump({"device": name, "torch": torch.__version__, "rows": rows, "selects": selects,
+                   "selections": selections}, fh, indent=1)
     one = [r for r in rows if r["count"] == 1]
     dense, plain = ref(one[0], "dense"), ref(one[0], "resu")
     sel = min((r for r in one if r["kind"].startswith("selective")), key=lambda r: r["ms"])
