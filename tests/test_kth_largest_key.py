@@ -158,6 +158,23 @@ def test_sample_select_kernels_match_the_reference_step_by_step(on_triton, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sample_select_kernels_rank_keys_away_from_their_slots(on_triton, device):
+    """Distinct keys that are not at their own slots (a shuffled key vector) are ranked as int64, not
+    by their |g| bits with ties to the lower slot: still the top-k threshold."""
+    from resu.compile import triton_selective as ts
+
+    gen = torch.Generator().manual_seed(4)
+    n = 20000
+    keys = _keys("ties", n, gen, masked=True)
+    keys = keys[torch.randperm(n, generator=gen)]
+    for k in (1, n // 10, int((keys >= 0).sum())):
+        plan = C.sample_plan(n, k, 256)
+        got = ts.sample_select_triton(keys.to(device), k, plan)
+        assert torch.equal(got.split.cpu(), C.sample_select_reference(keys, k, plan)["split"])
+        assert torch.equal(got.state[ts.RESULT].cpu(), C.kth_largest(keys, k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sample_select_kernels_over_many_programs(on_triton, device):
     """262k keys, half masked, the default plan (1024 samples): 65 window-pass programs append tens of
     thousands of keys to one window buffer, which some thirty extraction programs read."""

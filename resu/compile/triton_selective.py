@@ -194,7 +194,9 @@ def _sample_keys(j, valid, n, src0, src1, src2, beta, one_minus_beta, delta, tau
             key = tl.where(c > tau, key, -1)
     kept = valid & (key >= 0)
     code = tl.where(kept, (key >> 32).to(tl.int32), tl.where(valid, -1, -2))
-    return tl.where(kept, key, -1 - j.to(tl.int64)), code
+    # Whether the code ranks this sample like its key: a selection key at its own slot (or none).
+    fits = ~kept | ((key & 4294967295) == 4294967295 - pos)
+    return tl.where(kept, key, -1 - j.to(tl.int64)), code, fits
 
 
 @triton.jit
@@ -202,28 +204,47 @@ def _rank_stage(pid, n, m, j_lo, j_hi, split_ptr, src0, src1, src2, beta, one_mi
                 SOURCE: tl.constexpr, MAXIMIZE: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr,
                 R: tl.constexpr, C: tl.constexpr):
     """Rank R samples among all m by counting the larger ones; those of rank j_lo … j_hi become
-    splitters ``split[rank − j_lo]`` (descending). C is a multiple of R."""
+    splitters ``split[rank − j_lo]`` (descending). C is a multiple of R.
+
+    Selection keys at increasing slots (the sampled slots increase with the sample index) order like
+    their int32 high halves with ties to the lower sample index, so a pair costs one 32-bit comparison
+    (outside the chunk that holds these rows, where "lower index" is the same for the whole chunk).
+    Keys read from memory take that path when every sampled key is such a key (checked first), and
+    compare as int64 otherwise: the ranks are exact either way."""
     row0 = pid * R
     if row0 < m:
         i = row0 + tl.arange(0, R)
-        mine, mine_code = _sample_keys(i, i < m, n, src0, src1, src2, beta, one_minus_beta, delta, tau, SOURCE,
-                                       MAXIMIZE, LOG_M, ALL)
+        mine, mine_code, mine_ok = _sample_keys(i, i < m, n, src0, src1, src2, beta, one_minus_beta, delta, tau,
+                                          SOURCE, MAXIMIZE, LOG_M, ALL)
+        if SOURCE == 0:
+            fits = tl.min(mine_ok.to(tl.int32), axis=0)
+            for start in range(0, m, C):
+                j = start + tl.arange(0, C)
+                chunk_keys, chunk_codes, chunk_ok = _sample_keys(j, j < m, n, src0, src1, src2, beta,
+                                                                 one_minus_beta, delta, tau, SOURCE, MAXIMIZE,
+                                                                 LOG_M, ALL)
+                fits = tl.minimum(fits, tl.min(chunk_ok.to(tl.int32), axis=0))
+            fits = fits > 0
+        else:
+            fits = True  # keys made here from the gradient
         larger = tl.zeros([R, C], dtype=tl.int32)
-        for start in range(0, m, C):
-            j = start + tl.arange(0, C)
-            other, other_code = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta, delta, tau,
-                                             SOURCE, MAXIMIZE, LOG_M, ALL)
-            if SOURCE == 0:
+        if fits:
+            for start in range(0, m, C):
+                j = start + tl.arange(0, C)
+                other_key, other_code, other_ok = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta,
+                                                               delta, tau, SOURCE, MAXIMIZE, LOG_M, ALL)
+                if (start <= row0) & (row0 < start + C):
+                    earlier = (j[None, :] < i[:, None]).to(tl.int32)
+                    larger += (other_code[None, :] > mine_code[:, None] - earlier).to(tl.int32)
+                else:
+                    before = (start < row0).to(tl.int32)  # the whole chunk precedes (or follows) these rows
+                    larger += (other_code[None, :] > (mine_code - before)[:, None]).to(tl.int32)
+        else:
+            for start in range(0, m, C):
+                j = start + tl.arange(0, C)
+                other, other_bits, other_fits = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta,
+                                                             delta, tau, SOURCE, MAXIMIZE, LOG_M, ALL)
                 larger += (other[None, :] > mine[:, None]).to(tl.int32)
-            elif (start <= row0) & (row0 < start + C):
-                # Keys made here are selection keys at increasing slots, so among equal |g| bits the
-                # lower sample index is the larger key: the int32 bits with that tie-break order them
-                # like the int64 keys (one 32-bit comparison per pair outside this chunk).
-                earlier = (j[None, :] < i[:, None]).to(tl.int32)
-                larger += (other_code[None, :] > mine_code[:, None] - earlier).to(tl.int32)
-            else:
-                before = (start < row0).to(tl.int32)  # the whole chunk precedes (or follows) these rows
-                larger += (other_code[None, :] > (mine_code - before)[:, None]).to(tl.int32)
         rank = tl.sum(larger, axis=1)
         keep = (i < m) & (rank >= j_lo) & (rank <= j_hi)
         tl.store(split_ptr + (rank - j_lo), mine, mask=keep)

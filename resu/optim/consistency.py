@@ -206,7 +206,10 @@ def kth_largest_key(keys: torch.Tensor, k: int, plan: Optional[SamplePlan] = Non
     """:func:`kth_largest` of selection keys (``selection_keys``, some possibly overwritten with −1), by
     a sample select: no sort of the keys, one pass over them, no host sync. CUDA tensors take the
     Triton kernels of :func:`resu.compile.triton_selective.kth_largest_key_triton`; elsewhere
-    :func:`sample_select_reference` computes the same steps. ``plan`` overrides :func:`sample_plan`."""
+    :func:`sample_select_reference` computes the same steps. ``plan`` overrides :func:`sample_plan`.
+
+    Exact for any keys that are distinct apart from −1 (selection keys are); the kernels rank faster
+    when each key also sits at its own slot, as selection keys do."""
     n = keys.numel()
     if not 1 <= k <= n:
         raise ValueError(f"kth_largest_key: `k` must be in [1, {n}], got {k}")
