@@ -186,6 +186,8 @@ def _refill(out: ResuParameter, outputs, info: ShardInfo, mode: ResuMode, world:
             out._qdata.copy_(codes)
     for name, gathered in (("_qscale", outputs[1]), ("_qzero", outputs[2])):
         mine = getattr(out, name)
+        if mine.dim() == 0:  # per-tensor: every rank sent the same one value
+            gathered = gathered[0]
         if mine.numel() and mine.untyped_storage().data_ptr() != gathered.untyped_storage().data_ptr():
             with torch.autograd._unsafe_preserve_version_counter(mine):
                 mine.copy_(gathered.reshape(mine.shape))
