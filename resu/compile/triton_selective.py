@@ -13,19 +13,21 @@ all n keys costs, on the Triton the GPUs run (3.6, whose ``tl.histogram`` is a b
 popcount per bin), work proportional to the bin count for every key, and the top digits of float keys
 fall in a handful of bins (|g| spans a few binades), so each pass over 180 MB of keys (n = 22.5 M)
 either resolves few bits or is compute-bound: two selects of six such passes took 11.9 ms on an H200,
-against 2.25 ms for two ``torch.topk``. The sample select reads the keys once:
+against 2.25 ms for two ``torch.topk``. The sample select reads the keys once, and every step is
+exact whatever the sample; the sample only decides how much work the small steps do:
 
-1. ``_sample_rank_kernel``: m keys (one per stratum of n/m slots, at a hashed offset; m ≤ 8192)
-   are ranked among themselves by counting (m² comparisons spread over m/32 programs). The sampled
-   keys of rank j_lo … j_hi around the expected rank k·m/n of the answer become the *splitters*:
-   the window [lo, hi] = [sample j_hi, sample j_lo] holds the answer unless the sample is off by more
-   than a Bernstein bound on its rank (probability below 2·e⁻²⁰ per select, whatever the keys: they
-   are unique), and its W + 1 buckets between consecutive splitters hold about n/m keys each.
+1. ``_prepare_kernel`` gathers m keys (one per stratum of n/m slots, at a hashed offset; m ≤ 8192)
+   and zeroes the counters; ``_sample_rank_kernel`` ranks the sample by counting (m² comparisons
+   over m/32 programs, one 32-bit comparison per pair for selection keys). The sampled keys of rank
+   j_lo … j_hi around the answer's expected rank k·m/n become the *splitters*: the window
+   [lo, hi] = [sample j_hi, sample j_lo] holds the answer unless the sample is off by more than a
+   Bernstein bound on its rank (probability below 2·e⁻²⁰ per select, whatever the keys: they are
+   distinct), and its W + 1 buckets between consecutive splitters hold about n/m keys each.
 2. One pass over the keys (``_window_pass_kernel``, or fused into ``_consistency_select_kernel``,
    which computes the keys anyway): counts the valid keys (≥ 0) and those above hi, appends the keys
    in [lo, hi] to a window buffer (one atomic per program for the base, a prefix sum within), and
    counts them per bucket (binary search over the splitters, one atomic per windowed key on
-   counters 128 bytes apart; about 7% of the keys).
+   counters 128 bytes apart; the window holds 5–10% of the keys).
 3. ``_extract_kernel``: every program finds the bucket holding the answer from the bucket counts,
    and copies that bucket's keys (≈ 2n/m) from the window buffer to a small buffer.
 4. ``_final_kernel``: ranks the small buffer by counting; the key of rank r' (the answer's rank in
@@ -33,10 +35,13 @@ against 2.25 ms for two ``torch.topk``. The sample select reads the keys once:
    answer alone by an 8-pass radix select over all keys: exact, slow (tens of ms at n = 22.5 M), and
    not expected to run on any real input.
 
-Bytes for n = 22.5 M int64 keys: one read of the keys (180 MB), about 13 MB written and read back
-through the window buffer, a few hundred kB for the sample and the small buffer; four launches, no
-host sync. Fused into the consistency pass, both thresholds share that pass (which reads the
-gradient and EMAs anyway) and only the three small kernels remain.
+For n = 22.5 M int64 keys (m = 8192): one read of the keys (180 MB), the window buffer written and
+read once (~1.6 M keys, 13 MB), and a few hundred kB of samples, splitters, counters and small
+buffer; five launches, no host sync. Fused into the consistency pass (``select_impl`` "fused"), both
+thresholds' windows ride in the pass that reads g, m, v and writes m, v and the keys anyway (28 B per
+slot; the windows add ~120 instructions per slot to its ~55, under the ~230 that 28 B take at HBM
+speed), the selection-keys kernel is no longer needed, and both thresholds take five launches in all
+(prepare, rank, the pass, extract, final) where top-k took two sorts.
 
 Each kernel has a plain-PyTorch reference in :mod:`resu.optim.consistency`; tests run them on CPU under
 ``TRITON_INTERPRET=1``. This module imports Triton: import it lazily, only for CUDA tensors.
@@ -55,10 +60,12 @@ from resu.optim.consistency import SamplePlan, sample_plan
 
 BLOCK = 1024
 
-# Sample select tiles: keys per program of the window pass, of the fused consistency pass and of the
-# extraction; windowed keys binary-searched at a time; samples (small-buffer keys) ranked per program
-# and compared per step; keys per step of the single-program fallback; bucket counters 16 int64 apart
-# (one 128-byte line each), so the windowed keys' atomics spread over many L2 lines.
+# Sample select tiles: samples gathered (and counters zeroed) per program; keys per program of the
+# window pass, of the fused consistency pass and of the extraction; windowed keys binary-searched at a
+# time; samples (small-buffer keys) ranked per program and compared per step; keys per step of the
+# single-program fallback; bucket counters 16 int64 apart (one 128-byte line each), so the windowed
+# keys' atomics spread over many L2 lines.
+PREPARE_BLOCK = 1024
 WINDOW_BLOCK = 4096
 FUSED_BLOCK = 2048
 EXTRACT_BLOCK = 2048
@@ -177,8 +184,8 @@ def _sample_keys(j, valid, n, src0, src1, src2, beta, one_minus_beta, delta, tau
                  SOURCE: tl.constexpr, MAXIMIZE: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr):
     """(keys, codes) of samples ``j``. SOURCE 0: read from ``src0`` (keys); 1: the selection key of the
     gradient ``src0``; 2: that key where C > τ after this step's EMA update (EMAs ``src1``, ``src2``),
-    else −1. A −1 (or an invalid j) becomes −1 − j, so the samples are distinct and rank uniquely.
-    Codes: the key's high half (|g| bits) as int32, −1 for a −1 key, −2 for an invalid j."""
+    else −1. A −1 becomes −1 − j, so the samples are distinct and rank uniquely. Codes: the key's high
+    half (|g| bits) as int32, −1 for a −1 key."""
     pos = _sample_position(j, n, LOG_M, ALL)
     if SOURCE == 0:
         key = tl.load(src0 + pos, mask=valid, other=-1)
@@ -192,47 +199,70 @@ def _sample_keys(j, valid, n, src0, src1, src2, beta, one_minus_beta, delta, tau
             vv = tl.load(src2 + pos, mask=valid, other=0).to(tl.float32)
             _, _, c = _ema_step(g, mm, vv, src1, src2, beta, one_minus_beta, delta)
             key = tl.where(c > tau, key, -1)
-    kept = valid & (key >= 0)
-    code = tl.where(kept, (key >> 32).to(tl.int32), tl.where(valid, -1, -2))
-    # Whether the code ranks this sample like its key: a selection key at its own slot (or none).
-    fits = ~kept | ((key & 4294967295) == 4294967295 - pos)
-    return tl.where(kept, key, -1 - j.to(tl.int64)), code, fits
+    kept = key >= 0
+    return tl.where(kept, key, -1 - j.to(tl.int64)), tl.where(kept, (key >> 32).to(tl.int32), -1)
 
 
 @triton.jit
-def _rank_stage(pid, n, m, j_lo, j_hi, split_ptr, src0, src1, src2, beta, one_minus_beta, delta, tau,
-                SOURCE: tl.constexpr, MAXIMIZE: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr,
-                R: tl.constexpr, C: tl.constexpr):
+def _prepare_stage(pid, src0, src1, src2, n, m, beta, one_minus_beta, delta, tau, keys_ptr, codes_ptr,
+                   SOURCE: tl.constexpr, MAXIMIZE: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    j = pid * BLOCK + tl.arange(0, BLOCK)
+    if pid * BLOCK < m:
+        key, code = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta, delta, tau, SOURCE, MAXIMIZE,
+                                 LOG_M, ALL)
+        tl.store(keys_ptr + j, key, mask=j < m)
+        tl.store(codes_ptr + j, code, mask=j < m)
+
+
+@triton.jit
+def _prepare_kernel(src0, src1, src2, n, m, beta, one_minus_beta, delta, tau, work_ptr, work_size,
+                    keys0, codes0, keys1, codes1,
+                    SOURCE0: tl.constexpr, SOURCE1: tl.constexpr, TWO: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    LOG_M: tl.constexpr, ALL: tl.constexpr, BLOCK: tl.constexpr):
+    """Zero the counters and state, and gather the samples once (keys and codes, per select), so the
+    ranking programs read them contiguously instead of each gathering every sample again."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(work_ptr + offs, tl.zeros([BLOCK], dtype=tl.int64), mask=offs < work_size)
+    _prepare_stage(pid, src0, src1, src2, n, m, beta, one_minus_beta, delta, tau, keys0, codes0,
+                   SOURCE0, MAXIMIZE, LOG_M, ALL, BLOCK)
+    if TWO:
+        _prepare_stage(pid, src0, src1, src2, n, m, beta, one_minus_beta, delta, tau, keys1, codes1,
+                       SOURCE1, MAXIMIZE, LOG_M, ALL, BLOCK)
+
+
+@triton.jit
+def _rank_stage(pid, n, m, j_lo, j_hi, split_ptr, keys_ptr, codes_ptr,
+                CHECK: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     """Rank R samples among all m by counting the larger ones; those of rank j_lo … j_hi become
     splitters ``split[rank − j_lo]`` (descending). C is a multiple of R.
 
     Selection keys at increasing slots (the sampled slots increase with the sample index) order like
     their int32 high halves with ties to the lower sample index, so a pair costs one 32-bit comparison
     (outside the chunk that holds these rows, where "lower index" is the same for the whole chunk).
-    Keys read from memory take that path when every sampled key is such a key (checked first), and
-    compare as int64 otherwise: the ranks are exact either way."""
+    Keys read from memory (CHECK) take that path when every sampled key is such a key (checked
+    first), and compare as int64 otherwise: the ranks are exact either way."""
     row0 = pid * R
     if row0 < m:
         i = row0 + tl.arange(0, R)
-        mine, mine_code, mine_ok = _sample_keys(i, i < m, n, src0, src1, src2, beta, one_minus_beta, delta, tau,
-                                          SOURCE, MAXIMIZE, LOG_M, ALL)
-        if SOURCE == 0:
-            fits = tl.min(mine_ok.to(tl.int32), axis=0)
+        mine = tl.load(keys_ptr + i, mask=i < m, other=-1)
+        mine_code = tl.load(codes_ptr + i, mask=i < m, other=-1)
+        if CHECK:
+            fits = 1
             for start in range(0, m, C):
                 j = start + tl.arange(0, C)
-                chunk_keys, chunk_codes, chunk_ok = _sample_keys(j, j < m, n, src0, src1, src2, beta,
-                                                                 one_minus_beta, delta, tau, SOURCE, MAXIMIZE,
-                                                                 LOG_M, ALL)
-                fits = tl.minimum(fits, tl.min(chunk_ok.to(tl.int32), axis=0))
+                key = tl.load(keys_ptr + j, mask=j < m, other=-1)
+                at_slot = (key & 4294967295) == 4294967295 - _sample_position(j, n, LOG_M, ALL)
+                fits = tl.minimum(fits, tl.min(((key < 0) | at_slot).to(tl.int32), axis=0))
             fits = fits > 0
         else:
-            fits = True  # keys made here from the gradient
+            fits = True  # keys made from the gradient
         larger = tl.zeros([R, C], dtype=tl.int32)
         if fits:
             for start in range(0, m, C):
                 j = start + tl.arange(0, C)
-                other_key, other_code, other_ok = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta,
-                                                               delta, tau, SOURCE, MAXIMIZE, LOG_M, ALL)
+                other_code = tl.load(codes_ptr + j, mask=j < m, other=-2)  # below every code
                 if (start <= row0) & (row0 < start + C):
                     earlier = (j[None, :] < i[:, None]).to(tl.int32)
                     larger += (other_code[None, :] > mine_code[:, None] - earlier).to(tl.int32)
@@ -242,8 +272,7 @@ def _rank_stage(pid, n, m, j_lo, j_hi, split_ptr, src0, src1, src2, beta, one_mi
         else:
             for start in range(0, m, C):
                 j = start + tl.arange(0, C)
-                other, other_bits, other_fits = _sample_keys(j, j < m, n, src0, src1, src2, beta, one_minus_beta,
-                                                             delta, tau, SOURCE, MAXIMIZE, LOG_M, ALL)
+                other = tl.where(j < m, tl.load(keys_ptr + j, mask=j < m, other=-1), -1 - j.to(tl.int64))
                 larger += (other[None, :] > mine[:, None]).to(tl.int32)
         rank = tl.sum(larger, axis=1)
         keep = (i < m) & (rank >= j_lo) & (rank <= j_hi)
@@ -251,17 +280,14 @@ def _rank_stage(pid, n, m, j_lo, j_hi, split_ptr, src0, src1, src2, beta, one_mi
 
 
 @triton.jit
-def _sample_rank_kernel(src0, src1, src2, n, m, beta, one_minus_beta, delta, tau,
-                        split0, j_lo0, j_hi0, split1, j_lo1, j_hi1,
-                        SOURCE0: tl.constexpr, SOURCE1: tl.constexpr, MAXIMIZE: tl.constexpr,
-                        LOG_M: tl.constexpr, ALL: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+def _sample_rank_kernel(n, m, split0, keys0, codes0, j_lo0, j_hi0, split1, keys1, codes1, j_lo1, j_hi1,
+                        CHECK0: tl.constexpr, CHECK1: tl.constexpr, LOG_M: tl.constexpr, ALL: tl.constexpr,
+                        R: tl.constexpr, C: tl.constexpr):
     pid = tl.program_id(0)
     if tl.program_id(1) == 0:
-        _rank_stage(pid, n, m, j_lo0, j_hi0, split0, src0, src1, src2, beta, one_minus_beta, delta, tau,
-                    SOURCE0, MAXIMIZE, LOG_M, ALL, R, C)
+        _rank_stage(pid, n, m, j_lo0, j_hi0, split0, keys0, codes0, CHECK0, LOG_M, ALL, R, C)
     else:
-        _rank_stage(pid, n, m, j_lo1, j_hi1, split1, src0, src1, src2, beta, one_minus_beta, delta, tau,
-                    SOURCE1, MAXIMIZE, LOG_M, ALL, R, C)
+        _rank_stage(pid, n, m, j_lo1, j_hi1, split1, keys1, codes1, CHECK1, LOG_M, ALL, R, C)
 
 
 @triton.jit
@@ -306,7 +332,7 @@ def _count_buckets(base, count, split_ptr, cnt_ptr, cntf_ptr, buf_ptr, cap, widt
         r = j + tl.arange(0, SUB)
         idx = base + r
         ok = (r < count) & (idx < cap)
-        e = tl.load(buf_ptr + idx, mask=ok, other=0)
+        e = tl.load(buf_ptr + idx, mask=ok, other=0, cache_modifier=".cg")  # from L2, past this SM's L1
         b = _bucket(e & _KEY_BITS, split_ptr, width, LOG)
         tl.atomic_add(cnt_ptr + b * PAD, 1, mask=ok, sem="relaxed")
         if WITH_FLAG:
@@ -553,10 +579,13 @@ def _final_kernel(st0, small0, k0, cap0, small_cap0, fb_src0, flag_key_ptr,
 
 @dataclasses.dataclass
 class _SelectBuffers:
-    """Device buffers of one sample select: splitters, window buffer, small buffer, and views into
-    the zeroed work tensor (state fields, bucket counters, flagged-key bucket counters)."""
+    """Device buffers of one sample select: the gathered sample (keys, int32 codes), splitters, window
+    buffer, small buffer, and views into the work tensor (state fields, bucket counters, flagged-key
+    bucket counters) that the prepare kernel zeroes."""
 
     plan: SamplePlan
+    sample_keys: torch.Tensor
+    sample_codes: torch.Tensor
     split: torch.Tensor
     buf: torch.Tensor
     small: torch.Tensor
@@ -565,25 +594,30 @@ class _SelectBuffers:
     flagged: torch.Tensor
 
 
-def _select_buffers(plans: list[SamplePlan], device: torch.device, flag_first: bool) -> list[_SelectBuffers]:
-    """Two allocations for every select of a launch: one zeroed int64 tensor (a single memset) for
-    the state fields and counters, one uninitialised for splitters, window and small buffers."""
-    zeroed = [STATE_STRIDE * len(plans)]
+def _select_buffers(plans: list[SamplePlan], device: torch.device, flag_first: bool):
+    """Two uninitialised int64 allocations for every select of a launch: the work tensor (state fields
+    and counters, zeroed by the prepare kernel) and the space for samples, splitters and buffers.
+    Returns (work, buffers)."""
+    sizes = [STATE_STRIDE * len(plans)]
     spaces = []
     for i, plan in enumerate(plans):
-        zeroed += [plan.bins * PAD, plan.bins * PAD if (i == 0 and flag_first) else 0]
-        spaces += [plan.width + 1, plan.cap, plan.small]
-    work = torch.zeros(sum(zeroed), dtype=torch.int64, device=device).split(zeroed)
+        sizes += [plan.bins * PAD, plan.bins * PAD if (i == 0 and flag_first) else 0]
+        parts = (plan.m, (plan.m + 1) // 2, plan.width + 1, plan.cap, plan.small)
+        spaces += [-(-size // 16) * 16 for size in parts]  # 128-byte aligned
+    work = torch.empty(sum(sizes), dtype=torch.int64, device=device)
+    zeroed = work.split(sizes)
     space = torch.empty(sum(spaces), dtype=torch.int64, device=device).split(spaces)
     out = []
     for i, plan in enumerate(plans):
+        seg = space[5 * i:5 * i + 5]
         out.append(_SelectBuffers(
-            plan=plan, split=space[3 * i], buf=space[3 * i + 1], small=space[3 * i + 2],
-            state=work[0][i * STATE_STRIDE:(i + 1) * STATE_STRIDE],
-            counts=work[1 + 2 * i],
-            flagged=work[2 + 2 * i] if work[2 + 2 * i].numel() else work[1 + 2 * i],
+            plan=plan, sample_keys=seg[0][:plan.m], sample_codes=seg[1].view(torch.int32)[:plan.m],
+            split=seg[2][:plan.width + 1], buf=seg[3][:plan.cap], small=seg[4][:plan.small],
+            state=zeroed[0][i * STATE_STRIDE:(i + 1) * STATE_STRIDE],
+            counts=zeroed[1 + 2 * i],
+            flagged=zeroed[2 + 2 * i] if zeroed[2 + 2 * i].numel() else zeroed[1 + 2 * i],
         ))
-    return out
+    return work, out
 
 
 def _pair(bufs: list[_SelectBuffers]) -> tuple[_SelectBuffers, _SelectBuffers]:
@@ -604,12 +638,17 @@ def sample_select_triton(keys: torch.Tensor, k: int, plan: SamplePlan | None = N
     keys = keys.contiguous()
     n = keys.numel()
     plan = plan or sample_plan(n, k)
-    (b,) = _select_buffers([plan], keys.device, flag_first=False)
+    work, (b,) = _select_buffers([plan], keys.device, flag_first=False)
     a, z = _pair([b])
+    _prepare_kernel[(triton.cdiv(max(plan.m, work.numel()), PREPARE_BLOCK),)](
+        keys, keys, keys, n, plan.m, 0.0, 0.0, 0.0, 0.0, work, work.numel(),
+        b.sample_keys, b.sample_codes, b.sample_keys, b.sample_codes,
+        0, 0, False, False, plan.log_m, plan.m == n, PREPARE_BLOCK,
+    )
     _sample_rank_kernel[(triton.cdiv(plan.m, RANK_ROWS), 1)](
-        keys, keys, keys, n, plan.m, 0.0, 0.0, 0.0, 0.0,
-        a.split, plan.j_lo, plan.j_hi, z.split, plan.j_lo, plan.j_hi,
-        0, 0, False, plan.log_m, plan.m == n, RANK_ROWS, RANK_COLS,
+        n, plan.m, a.split, a.sample_keys, a.sample_codes, plan.j_lo, plan.j_hi,
+        z.split, z.sample_keys, z.sample_codes, plan.j_lo, plan.j_hi,
+        True, True, plan.log_m, plan.m == n, RANK_ROWS, RANK_COLS,
     )
     _window_pass_kernel[(triton.cdiv(n, WINDOW_BLOCK),)](
         keys, n, b.split, b.state, b.counts, b.buf, plan.cap, plan.width,
@@ -649,8 +688,9 @@ def consistency_select_triton(
     grad: torch.Tensor, ema_m: torch.Tensor, ema_v: torch.Tensor, k_screen: int, k_select: int, *,
     beta: float, delta: float, tau: float, maximize: bool, plans: tuple[SamplePlan, SamplePlan] | None = None,
 ) -> FusedSelection:
-    """Steps 1–4 of :mod:`resu.optim.consistency` for one weight in four launches: both thresholds'
-    samples, the consistency pass carrying both window passes, both extractions, both final ranks.
+    """Steps 1–4 of :mod:`resu.optim.consistency` for one weight in five launches: both thresholds'
+    samples gathered and ranked, the consistency pass carrying both window passes, both extractions,
+    both final ranks.
 
     The select runs over the keys of the consistent slots (C > τ) rather than the eligible ones
     (C > τ and key ≥ screen), so that it needs no screen yet and shares the pass: the k_select-th
@@ -660,7 +700,7 @@ def consistency_select_triton(
     n = grad.numel()
     keys = torch.empty(n, dtype=torch.int64, device=grad.device)
     plans = plans or (sample_plan(n, k_screen), sample_plan(n, k_select))
-    screen, select = _select_buffers(list(plans), grad.device, flag_first=True)
+    work, (screen, select) = _select_buffers(list(plans), grad.device, flag_first=True)
     ps, pc = screen.plan, select.plan
     check_launch_consistency_pass(grad, ema_m, ema_v, keys, screen.state[RESULT])
     if ps.m != pc.m:
@@ -668,10 +708,15 @@ def consistency_select_triton(
     n_blocks = triton.cdiv(n, FUSED_BLOCK)
     part_c = torch.empty(n_blocks, dtype=torch.float32, device=grad.device)
     hyper = (beta, 1 - beta, delta, tau)
+    _prepare_kernel[(triton.cdiv(max(ps.m, work.numel()), PREPARE_BLOCK),)](
+        grad, ema_m, ema_v, n, ps.m, *hyper, work, work.numel(),
+        screen.sample_keys, screen.sample_codes, select.sample_keys, select.sample_codes,
+        1, 2, True, maximize, ps.log_m, ps.m == n, PREPARE_BLOCK,
+    )
     _sample_rank_kernel[(triton.cdiv(ps.m, RANK_ROWS), 2)](
-        grad, ema_m, ema_v, n, ps.m, *hyper,
-        screen.split, ps.j_lo, ps.j_hi, select.split, pc.j_lo, pc.j_hi,
-        1, 2, maximize, ps.log_m, ps.m == n, RANK_ROWS, RANK_COLS,
+        n, ps.m, screen.split, screen.sample_keys, screen.sample_codes, ps.j_lo, ps.j_hi,
+        select.split, select.sample_keys, select.sample_codes, pc.j_lo, pc.j_hi,
+        False, False, ps.log_m, ps.m == n, RANK_ROWS, RANK_COLS,
     )
     _consistency_select_kernel[(n_blocks,)](
         grad, ema_m, ema_v, keys, part_c, n, *hyper,

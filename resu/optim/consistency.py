@@ -15,7 +15,7 @@ For one weight with p θ slots and compact gradient g (after ``maximize`` negati
 ``kth_largest`` costs a ``torch.topk`` call (a sort on large inputs). :func:`kth_largest_key` finds the
 same key by a sample select (a sample ranked, one pass over the keys counting and gathering those in
 a window around the sample's estimate, then the answer's bucket ranked; exact whatever the sample,
-with an exact fallback; on CUDA four Triton launches, no host sync). ``select_impl`` picks per
+with an exact fallback; on CUDA five Triton launches, no host sync). ``select_impl`` picks per
 device type: "topk", "key" (kth_largest_key for both thresholds), or "fused" (the CUDA default:
 both selects' passes ride in the consistency pass itself, which then keeps in ``keys`` the slots with
 C > τ and returns the threshold max(screen, select): the same selected slots; see
