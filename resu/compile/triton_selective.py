@@ -71,7 +71,7 @@ FUSED_BLOCK = 2048
 EXTRACT_BLOCK = 2048
 SUB = 256
 RANK_ROWS = 32
-RANK_COLS = 256
+RANK_COLS = 128
 FALLBACK_BLOCK = 2048
 PAD = 16
 
@@ -652,7 +652,7 @@ def sample_select_triton(keys: torch.Tensor, k: int, plan: SamplePlan | None = N
     )
     _window_pass_kernel[(triton.cdiv(n, WINDOW_BLOCK),)](
         keys, n, b.split, b.state, b.counts, b.buf, plan.cap, plan.width,
-        plan.upper_open, plan.lower_open, plan.log_bins, PAD, WINDOW_BLOCK, SUB,
+        plan.upper_open, plan.lower_open, plan.log_bins, PAD, WINDOW_BLOCK, SUB, num_warps=8,
     )
     _extract_kernel[(triton.cdiv(plan.cap, EXTRACT_BLOCK), 1)](
         a.state, a.counts, a.flagged, a.split, a.buf, a.small, k, plan.cap, plan.small, plan.width,
