@@ -72,9 +72,9 @@ MISS_LOG = 20.0  # each side of the window misses with probability below e^-MISS
 
 
 def sample_size(n: int) -> int:
-    """Samples per select: the power of two near √(2n) (between 1024 and SAMPLE_MAX), which balances
+    """Samples per select: the power of two near √(2n) (between 256 and SAMPLE_MAX), which balances
     ranking the sample (m² comparisons) against ranking the answer's bucket (about (2n/m)²)."""
-    m = 1024
+    m = 256
     while m * m < 2 * n and m < SAMPLE_MAX:
         m *= 2
     return m
