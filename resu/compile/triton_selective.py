@@ -326,13 +326,14 @@ def _in_window(key, valid, split_ptr, width, UPPER_OPEN: tl.constexpr, LOWER_OPE
 def _count_buckets(base, count, split_ptr, cnt_ptr, cntf_ptr, buf_ptr, cap, width,
                    WITH_FLAG: tl.constexpr, LOG: tl.constexpr, PAD: tl.constexpr, SUB: tl.constexpr):
     """Count per bucket the ``count`` keys this program appended at ``buf[base:]`` (and the flagged
-    ones, bit 63, per bucket), reading them back: the binary search runs on the ~7% of the tile in
-    the window, not on every lane. Call after a barrier that follows the appending stores."""
+    ones, bit 63, per bucket), reading them back: the binary search runs on the few percent of the
+    tile in the window, not on every lane. Call after a barrier that follows the appending stores;
+    the read-back goes through L2 (``.cg``), where those stores of other threads landed."""
     for j in range(0, count, SUB):
         r = j + tl.arange(0, SUB)
         idx = base + r
         ok = (r < count) & (idx < cap)
-        e = tl.load(buf_ptr + idx, mask=ok, other=0, cache_modifier=".cg")  # from L2, past this SM's L1
+        e = tl.load(buf_ptr + idx, mask=ok, other=0, cache_modifier=".cg")
         b = _bucket(e & _KEY_BITS, split_ptr, width, LOG)
         tl.atomic_add(cnt_ptr + b * PAD, 1, mask=ok, sem="relaxed")
         if WITH_FLAG:
