@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 
 import torch
 import torch.nn as nn
@@ -30,32 +29,9 @@ import resu
 from resu.compile import triton_qresu
 from resu.compile.qlinear import dequant_merge_reference
 
+from gpu_linear import _graph_time_ms  # this folder is on sys.path when the script runs
+
 SWEEP = [(512, 2), (1024, 2), (1024, 4), (2048, 2), (2048, 4), (2048, 8), (4096, 4), (4096, 8)]
-
-
-def _graph_ms(fn, iters: int, repeats: int = 5) -> float:
-    """Device time per call of ``fn``: ``iters`` calls captured in a CUDA graph, replayed; median of repeats."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
 
 
 def qresu_args(rows: int, cols: int, sparsity: float, scheme: str) -> tuple:
@@ -93,7 +69,7 @@ def main(argv=None) -> None:
                 ref = dequant_merge_reference(*qargs, torch.bfloat16)
                 moved = sum(t.numel() * t.element_size() for t in qargs[:5]) + ref.numel() * ref.element_size()
                 src, dst = torch.empty_like(ref), torch.empty_like(ref)
-                copy_ms = _graph_ms(lambda: dst.copy_(src), args.iters)
+                copy_ms = _graph_time_ms(lambda: dst.copy_(src), args.iters)
                 copy_gbs = 2 * ref.numel() * ref.element_size() / copy_ms / 1e6
                 for block, warps in settings:
                     def run():
@@ -102,7 +78,7 @@ def main(argv=None) -> None:
                     if not torch.equal(run().view(torch.int16), ref.view(torch.int16)):
                         raise SystemExit(f"QBLOCK={block} NUM_WARPS={warps}: output differs from the reference "
                                          f"({rows}×{cols}, s={s}, {scheme})")
-                    ms = _graph_ms(run, args.iters)
+                    ms = _graph_time_ms(run, args.iters)
                     gbs = moved / ms / 1e6
                     rows_out.append(dict(rows=rows, cols=cols, sparsity=s, scheme=scheme, block=block, warps=warps,
                                          us=ms * 1e3, gbs=gbs, copy_gbs=copy_gbs, ratio=gbs / copy_gbs))
