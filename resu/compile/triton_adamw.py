@@ -23,7 +23,7 @@ import triton.language as tl
 
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
-from resu.compile.triton_bitmap import cached_block_offsets, tile_ranks, tile_ranks_at
+from resu.compile.triton_bitmap import cached_block_offsets, table_block_slots, tile_ranks
 from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
@@ -212,20 +212,8 @@ def _grouped_kernel(
     kind = tl.load(row + 7)
     step_size = tl.load(scalars_ptr + item * 2)
     bias_correction2_sqrt = tl.load(scalars_ptr + item * 2 + 1)
-    where = kind & 3
-    if where == 0:  # a compact vector: slot i is element i; laid out as tile_ranks' tile
-        byte_row = tl.arange(0, BLOCK // 8)
-        bit = tl.arange(0, 8)
-        offs = blk * BLOCK + byte_row[:, None] * 8 + bit[None, :]
-        sel = offs < numel
-        rank = offs
-    else:
-        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
-        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
-        if where == 1:
-            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, True, BLOCK)
-        else:
-            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, False, BLOCK)
+    # kind & 3: a compact vector (slot i is element i), or the pruned / active slots of a bitmap.
+    offs, sel, rank = table_block_slots(row, numel, kind & 3, blk, BLOCK)
     if (kind & 4) != 0:
         g_offs = offs
     else:

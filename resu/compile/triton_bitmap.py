@@ -127,6 +127,28 @@ def tile_ranks_at(bits_ptr, offsets_ptr, numel, pid, SELECT_PRUNED: tl.constexpr
 
 
 @triton.jit
+def table_block_slots(row, numel, how, blk, BLOCK: tl.constexpr):
+    """Block ``blk`` of one piece of a multi-tensor kernel (a row of its int64 table at ``row``): the
+    slots' flat offsets, selected flags and compact ranks. ``how`` 0: every slot below ``numel`` (rank =
+    offset); 1 / 2: the slots the bitmap whose address is ``row[4]`` marks pruned / active, ``row[5]``
+    being the address of its block offsets. Laid out as :func:`tile_ranks`' tile either way."""
+    if how == 0:
+        byte_row = tl.arange(0, BLOCK // 8)
+        bit = tl.arange(0, 8)
+        offs = blk * BLOCK + byte_row[:, None] * 8 + bit[None, :]
+        sel = offs < numel
+        rank = offs
+    else:
+        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
+        if how == 1:
+            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, True, BLOCK)
+        else:
+            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, False, BLOCK)
+    return offs, sel, rank
+
+
+@triton.jit
 def _gather_kernel(src_ptr, bits_ptr, offsets_ptr, out_ptr, numel, SELECT_PRUNED: tl.constexpr, BLOCK: tl.constexpr):
     offs, sel, rank = tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED, BLOCK)
     vals = tl.load(src_ptr + offs, mask=sel, other=0)

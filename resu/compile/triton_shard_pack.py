@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.compile.triton_bitmap import BLOCK, NUM_WARPS, tile_ranks_at
+from resu.compile.triton_bitmap import BLOCK, NUM_WARPS, table_block_slots
 
 #: How a piece's slots are chosen: every slot; those its bitmap marks pruned; those it marks active.
 ALL_SLOTS, PRUNED_SLOTS, ACTIVE_SLOTS = 0, 1, 2
@@ -31,26 +31,11 @@ ROW = 6  # src offset, dst offset, numel, selection, bitmap address, block-offse
 
 @triton.jit
 def _piece(table_ptr, item, blk, BLOCK: tl.constexpr, ROW: tl.constexpr):
-    """One piece's (src offset, dst offset, flat slot offsets in the piece, selected, compact ranks)."""
+    """One piece's (src offset, dst offset, flat slot offsets in the piece, selected, compact ranks, length)."""
     row = table_ptr + item.to(tl.int64) * ROW
-    src_off = tl.load(row + 0)
-    dst_off = tl.load(row + 1)
     numel = tl.load(row + 2)
-    how = tl.load(row + 3)
-    if how == 0:
-        byte_row = tl.arange(0, BLOCK // 8)
-        bit = tl.arange(0, 8)
-        offs = blk * BLOCK + byte_row[:, None] * 8 + bit[None, :]
-        sel = offs < numel
-        rank = offs
-    else:
-        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
-        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
-        if how == 1:
-            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, True, BLOCK)
-        else:
-            offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, False, BLOCK)
-    return src_off, dst_off, offs, sel, rank, numel
+    offs, sel, rank = table_block_slots(row, numel, tl.load(row + 3), blk, BLOCK)
+    return tl.load(row + 0), tl.load(row + 1), offs, sel, rank, numel
 
 
 @triton.jit
