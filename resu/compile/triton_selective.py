@@ -102,6 +102,23 @@ def _ema_step(g, m, v, m_ptr, v_ptr, beta, one_minus_beta, delta):
 
 
 @triton.jit
+def _ema_pass(g_ptr, m_ptr, v_ptr, n, pid, beta, one_minus_beta, delta, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``pid`` of the consistency pass: the EMAs stepped and stored; returns the slots' offsets,
+    in-bounds flags, C values and selection keys."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
+    if MAXIMIZE:
+        g = -g
+    m = tl.load(m_ptr + offs, mask=inb, other=0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=inb, other=0).to(tl.float32)
+    m, v, c = _ema_step(g, m, v, m_ptr, v_ptr, beta, one_minus_beta, delta)
+    tl.store(m_ptr + offs, m, mask=inb)
+    tl.store(v_ptr + offs, v, mask=inb)
+    return offs, inb, c, _selection_key(g, offs)
+
+
+@triton.jit
 def _keys_kernel(g_ptr, key_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
@@ -124,17 +141,7 @@ def _consistency_kernel(
     beta, one_minus_beta, delta, tau, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + offs, mask=inb, other=0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=inb, other=0).to(tl.float32)
-    m, v, c = _ema_step(g, m, v, m_ptr, v_ptr, beta, one_minus_beta, delta)
-    tl.store(m_ptr + offs, m, mask=inb)
-    tl.store(v_ptr + offs, v, mask=inb)
-    key = _selection_key(g, offs)
+    offs, inb, c, key = _ema_pass(g_ptr, m_ptr, v_ptr, n, pid, beta, one_minus_beta, delta, MAXIMIZE, BLOCK)
     eligible = (c > tau) & (key >= tl.load(screen_ptr)) & inb
     tl.store(key_ptr + offs, tl.where(eligible, key, -1), mask=inb)
     tl.store(part_c_ptr + pid, tl.sum(tl.where(inb, c, 0.0), axis=0))
@@ -378,17 +385,7 @@ def _consistency_select_kernel(
     keys. The two selects share their reductions and their prefix sum (counts packed two to an
     int32, BLOCK < 2^16)."""
     pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
-    g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + offs, mask=inb, other=0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=inb, other=0).to(tl.float32)
-    m, v, c = _ema_step(g, m, v, m_ptr, v_ptr, beta, one_minus_beta, delta)
-    tl.store(m_ptr + offs, m, mask=inb)
-    tl.store(v_ptr + offs, v, mask=inb)
-    key = _selection_key(g, offs)
+    offs, inb, c, key = _ema_pass(g_ptr, m_ptr, v_ptr, n, pid, beta, one_minus_beta, delta, MAXIMIZE, BLOCK)
     consistent = (c > tau) & inb
     tl.store(key_ptr + offs, tl.where(consistent, key, -1), mask=inb)
     tl.store(part_c_ptr + pid, tl.sum(tl.where(inb, c, 0.0), axis=0))
