@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 import resu
 from resu.distributed import get_state_dict, set_state_dict
-from dist_models import MODES, batches, effective, tiny_model
+from dist_models import MODES, Mlp, batches, effective, tiny_model
 from dist_spawn import run_spawned
 from torch.multiprocessing import ProcessExitedException
 from test_distributed_fsdp import ELEMENTWISE, full_weights, sharded_model
+from resu.distributed import fully_shard
 
 LR = dict(lr=1e-2, weight_decay=0.1)
 
@@ -114,6 +115,45 @@ def _dcp_checks(rank: int, world: int, root: str, killed: str) -> None:
 
         # ... and 1 -> 2: both ranks load what one process saved, then step as before.
         _resume(sharded_model(mode), saved_1, x, y, rank, at_save, uninterrupted, f"{mode}, 1 -> 2")
+
+        if mode in ("resu", "qresu"):
+            _load_other_masks_into_a_model_that_ran(model, mode, os.path.join(root, mode), x, y, rank)
+
+
+def _sharded_at(mode: str, sparsity: float, seed: int):
+    """The test MLP pruned to ``sparsity`` from init ``seed``, in ``mode``, sharded."""
+    torch.manual_seed(seed)
+    model = Mlp()
+    resu.sparsify_(model)
+    resu.prune_(model, sparsity)
+    if mode == "resu":
+        resu.enter_resu_(model, epsilon=0.5)
+    else:
+        resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4, epsilon=0.5)
+    for module in (model.fc1, model.fc2, model):
+        fully_shard(module)
+    return model
+
+
+def _load_other_masks_into_a_model_that_ran(model, mode: str, root: str, x, y, rank: int) -> None:
+    """A checkpoint with other mask positions loads into a model that already ran (its gathered weights
+    exist) as into a fresh one; one with other counts of pruned slots is refused at the next forward."""
+    same_count, other_count = os.path.join(root, "other_positions"), os.path.join(root, "other_count")
+    for path, sparsity in ((same_count, 0.5), (other_count, 0.25)):
+        src = _sharded_at(mode, sparsity, seed=7)
+        msd, osd = get_state_dict(src, resu.ResuAdamW(src.parameters(), **LR))
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+    fresh = _sharded_at(mode, 0.5, seed=0)
+    for target in (model, fresh):
+        opt = resu.ResuAdamW(target.parameters(), **LR)
+        _load(target, opt, same_count)
+        _step(target, opt, x[rank::2], y[rank::2])
+    want = full_weights(fresh)
+    for name, w in full_weights(model).items():
+        assert torch.equal(w, want[name]), f"{mode}: {name} differs after loading other masks into a model that ran"
+    _load(model, resu.ResuAdamW(model.parameters(), **LR), other_count)
+    with pytest.raises(RuntimeError, match="freshly built and sharded model"):
+        model(x[rank::2])
 
 
 def test_dcp_save_resume_reshard(tmp_path):

@@ -143,6 +143,15 @@ def post_all_gather(p: ResuParameter, outputs, metadata, param_dtype, *, out: Op
     if out is not None:
         # A later all-gather into a full weight whose mask came from another ShardInfo (a checkpoint load
         # changed the shards' masks): take the new mask, and copy what is not a view of the new buffers.
+        # FSDP2 fills its gathered weight in place, so it can take new mask positions but not a new count
+        # of pruned slots (θ's length and the weight's layout) or another mode.
+        if mode is not out.mode or full.n_pruned != out.n_pruned:
+            raise RuntimeError(
+                f"resu.distributed: a sharded weight now has {full.n_pruned} pruned slots in {mode.value} mode, its "
+                f"gathered copy {out.n_pruned} in {out.mode.value} mode: a checkpoint with other masks was loaded "
+                "(resu.distributed.set_state_dict) into a model that had already run a forward. Load such a "
+                "checkpoint into a freshly built and sharded model, before its first forward."
+            )
         out._mask_storage = mask
         for name, t in inner.items():
             mine = getattr(out, name)
