@@ -153,6 +153,8 @@ def selection_rows(n: int, device: str, iters: int) -> list[dict]:
         rows.append({"kind": f"selection-{impl}", "n": n, "ms": ms})
     consistency.select_impl.clear()
     consistency.select_impl.update(saved)
+    for row in rows:
+        row["same_as_topk"] = selection_agrees(row["kind"][len("selection-"):], n, device)
     keys = consistency.selection_keys(grad)
     screen = consistency.kth_largest(keys, config.screen_count(n))
     work = keys.clone()
@@ -160,6 +162,29 @@ def selection_rows(n: int, device: str, iters: int) -> list[dict]:
                                                         tau=config.tau_stable, maximize=False), device, iters)
     rows.append({"kind": "pass", "n": n, "ms": ms})
     return rows
+
+
+def selection_agrees(impl: str, n: int, device: str, steps: int = 3) -> bool:
+    """Whether ``select_impl`` ``impl`` selects the same slots as "topk" (and counts the same C sum and
+    selection size) over ``steps`` consistency steps from the same EMAs, on fresh random gradients."""
+    config = SelectionConfig(strategy="consistency")
+    g = torch.Generator(device=device).manual_seed(n)
+    grads = [torch.randn(n, device=device, generator=g) * torch.rand(n, device=device, generator=g) for _ in range(steps)]
+    saved = dict(consistency.select_impl)
+    picks = {}
+    for name in ("topk", impl):
+        consistency.select_impl[device] = name
+        m, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        picks[name] = []
+        for grad in grads:
+            keys, threshold, sum_c, count = consistency.consistency_selection(grad, m, v, config, False)
+            picks[name].append((keys >= threshold, sum_c, count))
+    consistency.select_impl.clear()
+    consistency.select_impl.update(saved)
+    return all(
+        torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.allclose(a[1], b[1], rtol=1e-4)
+        for a, b in zip(picks["topk"], picks[impl])
+    )
 
 
 def main(argv=None) -> None:
@@ -207,7 +232,8 @@ def main(argv=None) -> None:
     for r in selections:
         what = "consistency pass alone" if r["kind"] == "pass" else \
             f"selection, select_impl {r['kind'][10:]!r} (keys, consistency pass, both thresholds)"
-        print(f"{what}, {r['n']} θ slots: {r['ms']:.3f} ms")
+        same = f", the same slots as top-k: {r['same_as_topk']}" if "same_as_topk" in r else ""
+        print(f"{what}, {r['n']} θ slots: {r['ms']:.3f} ms{same}")
     with open("gpu_optim.json", "w") as fh:
         json.dump({"device": name, "torch": torch.__version__, "rows": rows, "selects": selects,
                    "selections": selections}, fh, indent=1)
