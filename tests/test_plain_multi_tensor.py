@@ -1,6 +1,6 @@
 """ResuAdamW's multi-tensor path for plain parameters (taken on CUDA; forced here on the CPU): the
-same numbers as ``torch.optim.AdamW`` with ``foreach=True`` (or ``fused=True``); ResuParameters never
-go through it."""
+same numbers as ``torch.optim.AdamW(foreach=True)``, with or without ``fused=True``; ResuParameters
+never go through it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_plain_parameters_step_as_torch_multi_tensor_adamw(monkeypatch, fused):
     monkeypatch.setattr(resu_adamw, "_multi_tensor_ready", lambda p, grad: type(p) is nn.Parameter)
     batches = []
     real = torch_adamw.adamw
-    monkeypatch.setattr(torch_adamw, "adamw", lambda *a, **k: batches.append(list(a[0])) or real(*a, **k))
+    monkeypatch.setattr(torch_adamw, "adamw", lambda *a, **k: batches.append((list(a[0]), k["foreach"], k["fused"])) or real(*a, **k))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Linear(12, 3))
     resu.sparsify_(model, filter_fn=lambda name, module: name == "2")
@@ -30,7 +30,9 @@ def test_plain_parameters_step_as_torch_multi_tensor_adamw(monkeypatch, fused):
     sparse = model[2].weight
     active_before = sparse.effective_weight()[sparse.active_mask].clone()
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
-    want = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, foreach=fused is None, fused=fused)
+    # ``fused`` is ignored for plain parameters (torch's fused kernel wants the step counter on the
+    # parameter's device; ResuAdamW keeps it on the CPU, as for every other state): always foreach.
+    want = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1, foreach=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         F.mse_loss(model(torch.randn(5, 6, generator=g)), torch.randn(5, 3, generator=g)).backward()
@@ -39,7 +41,10 @@ def test_plain_parameters_step_as_torch_multi_tensor_adamw(monkeypatch, fused):
         opt.step()
         want.step()
         opt.zero_grad()
-    assert len(batches) == 3 and all(b == plain for b in batches)  # one call per step, plain parameters only
+    # one call per step, plain parameters only, torch's foreach path (its fused kernel would want the
+    # step counters on the parameters' device)
+    assert len(batches) == 3 and all(b == (plain, True, None) for b in batches)
+    assert all(state["step"].device.type == "cpu" for state in opt.state.values())
     for c, p in zip(copies, plain):
         assert torch.equal(c.detach(), p.detach())
     assert torch.equal(sparse.effective_weight()[sparse.active_mask], active_before)

@@ -147,6 +147,7 @@ class CompactReduceScatter(_ReduceScatterBase or object):
         self.fsdp_params = list(fsdp_params)
         self._counts_key: Optional[tuple] = None
         self._counts: list[int] = []
+        self._counts_masks: list = []
         self._plan_key: Optional[tuple] = None
         self._plan: Optional[_Plan] = None
         #: elements sent by the last call, and what FSDP2's dense reduce-scatter would have sent
@@ -201,6 +202,8 @@ class CompactReduceScatter(_ReduceScatterBase or object):
         trainable = self._trainable(fulls, world, input_tensor.device)
         if key != self._counts_key:  # one host read per set of masks; later calls never sync
             self._counts, self._counts_key = trainable.sum(dim=1).tolist(), key
+            # The key holds the masks' ids: keep the masks alive, so no later mask can reuse an id.
+            self._counts_masks = [f._mask_storage for f in fulls if isinstance(f, ResuParameter) and f.mode.has_mask]
         chunks = input_tensor.view(world, -1)
         send = input_tensor.new_zeros(world, max(self._counts))
         for r, n in enumerate(self._counts):

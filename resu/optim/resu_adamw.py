@@ -47,9 +47,9 @@ class ResuAdamW(torch.optim.Optimizer):
     at a time (the same numbers bitwise on CPU; on CUDA the two compiled kernels round differently
     where the compiler fuses multiply-adds, as torch.optim's foreach and for-loop paths may).
     On CUDA, plain parameters (not ResuParameters) of such a group are stepped by torch's own
-    multi-tensor AdamW (its fused kernel when ``fused=True``), as ``torch.optim.AdamW`` would step them;
-    elsewhere, and with ``foreach=False``, one at a time. ``capturable`` and ``differentiable`` are not
-    supported.
+    multi-tensor AdamW, as ``torch.optim.AdamW(foreach=True)`` would step them; elsewhere, and with
+    ``foreach=False``, one at a time. ``fused`` is accepted for signature compatibility and ignored.
+    ``capturable`` and ``differentiable`` are not supported.
 
     ``selective`` (a :class:`~resu.optim.selection_config.SelectionConfig`, default None) turns on RESU-Selective
     for the θ of every ResuParameter of the group in RESU/QRESU mode: only the selected θ slots are
@@ -285,12 +285,13 @@ class ResuAdamW(torch.optim.Optimizer):
         return loss
 
     def _step_plain(self, params: list, group: dict, hyper: dict) -> None:
-        """torch's AdamW (``foreach``, or ``fused`` when the group asks for it) over plain CUDA parameters:
-        what ``torch.optim.AdamW`` does with them, states in the same layout as :meth:`_step_param`'s."""
+        """torch's multi-tensor AdamW (``foreach``) over plain CUDA parameters: what
+        ``torch.optim.AdamW(foreach=True)`` does with them, states in :meth:`_step_param`'s layout (a CPU
+        step counter, which torch's fused kernel would refuse: ``fused`` is not used for them)."""
         states = [self._prepare_state(p, None, False) for p in params]
         torch_adamw.adamw(
             params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-            [s["step"] for s in states], foreach=not group["fused"], fused=bool(group["fused"]) or None,
+            [s["step"] for s in states], foreach=True, fused=None,
             amsgrad=False, beta1=hyper["beta1"], beta2=hyper["beta2"], lr=hyper["lr"],
             weight_decay=hyper["weight_decay"], eps=hyper["eps"], maximize=hyper["maximize"],
         )
