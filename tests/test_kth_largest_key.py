@@ -53,7 +53,7 @@ def _missing(plan):
 @pytest.fixture
 def on_triton(monkeypatch):
     """Route every tensor to the Triton kernels (the interpreter on CPU)."""
-    pytest.importorskip("resu.compile.triton_selective")
+    pytest.importorskip("resu.compile.triton_sample_select")
     monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
 
 
@@ -136,7 +136,8 @@ def test_sample_select_kernels_equal_topk_threshold(on_triton, device, kind, see
 def test_sample_select_kernels_match_the_reference_step_by_step(on_triton, device, kind, masked, sample):
     """Splitters, window counts, bucket counts, the answer's bucket and rank in it: the kernels' state
     equals the PyTorch reference's, over ~30k keys (several programs in every launch)."""
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_sample_select as ts
+    from resu.compile import triton_select_state as st
 
     gen = torch.Generator().manual_seed(len(kind) + sample)
     n = 30000 + int(torch.randint(0, 5000, (), generator=gen))
@@ -147,21 +148,22 @@ def test_sample_select_kernels_match_the_reference_step_by_step(on_triton, devic
         got = ts.sample_select_triton(keys.to(device), k, plan)
         state = got.state.cpu()
         assert torch.equal(got.split.cpu(), ref["split"])
-        assert [int(state[f]) for f in (ts.N_VALID, ts.N_ABOVE, ts.N_WINDOW)] == \
+        assert [int(state[f]) for f in (st.N_VALID, st.N_ABOVE, st.N_WINDOW)] == \
             [ref["n_valid"], ref["n_above"], ref["n_window"]]
-        assert torch.equal(got.counts.cpu()[::ts.PAD][:plan.width + 1], ref["counts"])
+        assert torch.equal(got.counts.cpu()[::st.PAD][:plan.width + 1], ref["counts"])
         assert ref["hit"] or k > ref["n_valid"], "the sample's window should hold the answer here"
         if ref["hit"]:
-            assert [int(state[f]) for f in (ts.BUCKET, ts.RANK2, ts.N_SMALL)] == \
+            assert [int(state[f]) for f in (st.BUCKET, st.RANK2, st.N_SMALL)] == \
                 [ref["bucket"], ref["rank"], ref["n_small"]]
-        assert int(state[ts.RESULT]) == int(ref["key"]) == int(C.kth_largest(keys, k))
+        assert int(state[st.RESULT]) == int(ref["key"]) == int(C.kth_largest(keys, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sample_select_kernels_rank_keys_away_from_their_slots(on_triton, device):
     """Distinct keys that are not at their own slots (a shuffled key vector) are ranked as int64, not
     by their |g| bits with ties to the lower slot: still the top-k threshold."""
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_sample_select as ts
+    from resu.compile import triton_select_state as st
 
     gen = torch.Generator().manual_seed(4)
     n = 20000
@@ -171,7 +173,7 @@ def test_sample_select_kernels_rank_keys_away_from_their_slots(on_triton, device
         plan = C.sample_plan(n, k, 256)
         got = ts.sample_select_triton(keys.to(device), k, plan)
         assert torch.equal(got.split.cpu(), C.sample_select_reference(keys, k, plan)["split"])
-        assert torch.equal(got.state[ts.RESULT].cpu(), C.kth_largest(keys, k))
+        assert torch.equal(got.state[st.RESULT].cpu(), C.kth_largest(keys, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -179,7 +181,8 @@ def test_sample_select_kernels_over_many_programs(on_triton, device):
     """262k keys, half masked, the default plan (1024 samples): 65 window-pass programs append tens of
     thousands of keys to one window buffer, which some thirty extraction programs read."""
     assert C.sample_plan(2**18 + 123, (2**18 + 123) // 3).m == 1024
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_sample_select as ts
+    from resu.compile import triton_select_state as st
 
     gen = torch.Generator().manual_seed(3)
     n = 2**18 + 123
@@ -188,8 +191,8 @@ def test_sample_select_kernels_over_many_programs(on_triton, device):
     k = n // 3
     got = ts.sample_select_triton(keys.to(device), k)
     ref = C.sample_select_reference(keys, k)
-    assert ref["hit"] and int(got.state[ts.N_WINDOW]) == ref["n_window"] > 20 * ts.SUB
-    assert torch.equal(got.state[ts.RESULT].cpu(), C.kth_largest(keys, k))
+    assert ref["hit"] and int(got.state[st.N_WINDOW]) == ref["n_window"] > 20 * st.SUB
+    assert torch.equal(got.state[st.RESULT].cpu(), C.kth_largest(keys, k))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -197,7 +200,7 @@ def test_sample_select_kernels_over_many_programs(on_triton, device):
 def test_sample_select_kernels_fall_back_exactly(on_triton, device, kind):
     """A window that misses the answer, a window buffer or a bucket buffer too small: the single-program
     radix fallback still gives the top-k threshold."""
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_sample_select as ts
 
     gen = torch.Generator().manual_seed(7)
     n = 6000
@@ -226,7 +229,7 @@ def _reference_selection(g, m, v, k_screen, k_select, cfg):
     ("zeros", torch.float32, False, 0.3, 256),
 ])
 def test_fused_consistency_selection_matches_the_topk_path(on_triton, device, kind, state_dtype, maximize, tau, sample):
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_consistency_select as ts
 
     gen = torch.Generator().manual_seed(11)
     n = 9000 + int(torch.randint(0, 3000, (), generator=gen))
@@ -265,7 +268,7 @@ def test_fused_consistency_selection_matches_the_topk_path(on_triton, device, ki
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_consistency_selection_falls_back_exactly(on_triton, device):
     """Both windows off the answer (and a bucket buffer too small): exact thresholds and count."""
-    from resu.compile import triton_selective as ts
+    from resu.compile import triton_consistency_select as ts
 
     gen = torch.Generator().manual_seed(12)
     n = 5000
@@ -291,7 +294,7 @@ def test_fused_consistency_selection_falls_back_exactly(on_triton, device):
 
 @pytest.mark.parametrize("seed", range(2))
 def test_consistency_selection_is_the_same_with_every_select(monkeypatch, seed):
-    pytest.importorskip("resu.compile.triton_selective")
+    pytest.importorskip("resu.compile.triton_sample_select")
     gen = torch.Generator().manual_seed(seed)
     n = 3000
     config = SelectionConfig(k_screen_ratio=0.5, k_select_ratio=0.2, tau_stable=0.3)
@@ -320,7 +323,7 @@ def test_consistency_selection_is_the_same_with_every_select(monkeypatch, seed):
 
 def test_resu_adamw_with_the_fused_selection_matches_the_reference_path(monkeypatch):
     """ResuAdamW steps through the fused kernels (interpreted) and through the plain-PyTorch path."""
-    pytest.importorskip("resu.compile.triton_selective")
+    pytest.importorskip("resu.compile.triton_sample_select")
     import resu
     from tests.test_selective import HYPER, resu_weight, set_theta_grad
 

@@ -19,10 +19,11 @@ with an exact fallback; on CUDA five Triton launches, no host sync). ``select_im
 device type: "topk" (the default), "key" (kth_largest_key for both thresholds), or "fused" (both
 selects' passes ride in the consistency pass itself, which then keeps in ``keys`` the slots with
 C > τ and returns the threshold max(screen, select): the same selected slots; see
-:func:`resu.compile.triton_selective.consistency_select_triton`).
+:func:`resu.compile.triton_consistency_select.consistency_select_triton`).
 
 All of it stays on the device (thresholds are 0-d tensors): no host sync per step. CUDA tensors take
-the Triton kernels of :mod:`resu.compile.triton_selective`; the references here define the semantics.
+the Triton kernels of :mod:`resu.compile.triton_selective`, :mod:`resu.compile.triton_sample_select` and
+:mod:`resu.compile.triton_consistency_select`; the references here define the semantics.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def sample_size(n: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class SamplePlan:
     """Host-side plan of one sample select of the k-th largest of n keys (see
-    :mod:`resu.compile.triton_selective`).
+    :mod:`resu.compile.triton_sample_select`).
 
     ``m`` keys are sampled (one per stratum of n/m slots); the sampled keys ranked ``j_lo`` … ``j_hi``
     (0 = largest) are the splitters; ``upper_open`` / ``lower_open``: the window has no upper bound /
@@ -205,7 +206,7 @@ def sample_select_reference(keys: torch.Tensor, k: int, plan: Optional[SamplePla
 def kth_largest_key(keys: torch.Tensor, k: int, plan: Optional[SamplePlan] = None) -> torch.Tensor:
     """:func:`kth_largest` of selection keys (``selection_keys``, some possibly overwritten with −1), by
     a sample select: no sort of the keys, one pass over them, no host sync. CUDA tensors take the
-    Triton kernels of :func:`resu.compile.triton_selective.kth_largest_key_triton`; elsewhere
+    Triton kernels of :func:`resu.compile.triton_sample_select.kth_largest_key_triton`; elsewhere
     :func:`sample_select_reference` computes the same steps. ``plan`` overrides :func:`sample_plan`.
 
     Exact for any keys that are distinct apart from −1 (selection keys are); the kernels rank faster
@@ -214,7 +215,7 @@ def kth_largest_key(keys: torch.Tensor, k: int, plan: Optional[SamplePlan] = Non
     if not 1 <= k <= n:
         raise ValueError(f"kth_largest_key: `k` must be in [1, {n}], got {k}")
     if registry.use_triton(keys):
-        from resu.compile.triton_selective import kth_largest_key_triton
+        from resu.compile.triton_sample_select import kth_largest_key_triton
 
         return kth_largest_key_triton(keys, k, plan)
     return sample_select_reference(keys, k, plan)["key"].reshape(())
@@ -280,14 +281,14 @@ def consistency_selection(grad, ema_m, ema_v, config, maximize: bool) -> tuple[t
     """Steps 1–4 above for one weight: returns ``(keys, threshold, sum_c, n_selected)``; the slots to
     update are ``keys >= threshold`` (exactly ``n_selected`` of them). With ``select_impl`` "fused",
     ``keys`` keep the slots with C > τ and ``threshold`` is max(screen, select) (see
-    :func:`resu.compile.triton_selective.consistency_select_triton`): the same slots ≥ threshold."""
+    :func:`resu.compile.triton_consistency_select.consistency_select_triton`): the same slots ≥ threshold."""
     n = grad.numel()
     k_screen, k_select = config.screen_count(n), config.select_count(n)
     impl = select_impl.get(grad.device.type, "topk")
     if impl not in SELECT_IMPLS:
         raise ValueError(f"consistency.select_impl: unknown {impl!r}; expected one of {SELECT_IMPLS}")
     if impl == "fused" and registry.use_triton(grad, ema_m, ema_v):
-        from resu.compile.triton_selective import consistency_select_triton
+        from resu.compile.triton_consistency_select import consistency_select_triton
 
         out = consistency_select_triton(grad, ema_m, ema_v, k_screen, k_select, beta=config.beta,
                                         delta=config.delta, tau=config.tau_stable, maximize=maximize)
