@@ -23,7 +23,7 @@ import triton.language as tl
 
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
-from resu.compile.triton_bitmap import cached_block_offsets, table_block_slots, tile_ranks
+from resu.compile.triton_bitmap import cached_block_offsets, program_table, table_block_slots, tile_ranks
 from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
@@ -222,25 +222,6 @@ def _grouped_kernel(
                 decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
 
 
-# (device, (n_blocks of each weight)) -> (program -> weight, program -> block of that weight), on the device.
-_PROGRAM_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _program_table(device: torch.device, blocks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which weight and which of its blocks each program steps; built once per set of weight sizes."""
-    key = (device, blocks)
-    hit = _PROGRAM_TABLES.get(key)
-    if hit is None:
-        counts = torch.tensor(blocks, dtype=torch.int64)
-        item = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        block = (torch.arange(int(counts.sum()), dtype=torch.int64) - starts.repeat_interleave(counts)).to(torch.int32)
-        hit = _PROGRAM_TABLES[key] = (item.to(device), block.to(device))
-        if len(_PROGRAM_TABLES) > 64:  # a bounded cache: models change their weight sets rarely
-            _PROGRAM_TABLES.pop(next(iter(_PROGRAM_TABLES)))
-    return hit
-
-
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without waiting for the device queue (pinned, non-blocking)."""
     host = torch.tensor(values, dtype=dtype)
@@ -281,7 +262,7 @@ def grouped_adamw_triton_(items, *, lr, beta1, beta2, eps, weight_decay, maximiz
     if not blocks:
         return
     device = items[0][1].device
-    prog_item, prog_block = _program_table(device, tuple(blocks))
+    prog_item, prog_block = program_table(device, tuple(blocks))
     _grouped_kernel[(prog_item.numel(),)](
         _to_device(table, torch.int64, device), _to_device(scalars, torch.float32, device), prog_item, prog_block,
         decay, beta1, beta2, eps, maximize, BITMAP_BLOCK, _ROW, num_warps=BITMAP_NUM_WARPS,

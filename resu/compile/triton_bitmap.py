@@ -126,6 +126,26 @@ def tile_ranks_at(bits_ptr, offsets_ptr, numel, pid, SELECT_PRUNED: tl.constexpr
     return offs, flag != 0, rank
 
 
+# (device, (n_blocks of each piece)) -> (program -> piece, program -> block of that piece), on the device.
+_PROGRAM_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def program_table(device: torch.device, blocks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which piece and which of its blocks each program of a multi-tensor kernel handles (pieces of
+    ``blocks`` blocks each); built once per set of piece sizes."""
+    key = (device, blocks)
+    hit = _PROGRAM_TABLES.get(key)
+    if hit is None:
+        counts = torch.tensor(blocks, dtype=torch.int64)
+        item = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        block = (torch.arange(int(counts.sum()), dtype=torch.int64) - starts.repeat_interleave(counts)).to(torch.int32)
+        hit = _PROGRAM_TABLES[key] = (item.to(device), block.to(device))
+        if len(_PROGRAM_TABLES) > 64:  # a bounded cache: models change their weight sets rarely
+            _PROGRAM_TABLES.pop(next(iter(_PROGRAM_TABLES)))
+    return hit
+
+
 @triton.jit
 def table_block_slots(row, numel, how, blk, BLOCK: tl.constexpr):
     """Block ``blk`` of one piece of a multi-tensor kernel (a row of its int64 table at ``row``): the

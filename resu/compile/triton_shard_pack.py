@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from resu.compile.triton_bitmap import BLOCK, NUM_WARPS, table_block_slots
+from resu.compile.triton_bitmap import BLOCK, NUM_WARPS, program_table, table_block_slots
 
 #: How a piece's slots are chosen: every slot; those its bitmap marks pruned; those it marks active.
 ALL_SLOTS, PRUNED_SLOTS, ACTIVE_SLOTS = 0, 1, 2
@@ -30,20 +30,20 @@ ROW = 6  # src offset, dst offset, numel, selection, bitmap address, block-offse
 
 
 @triton.jit
-def _piece(table_ptr, item, blk, BLOCK: tl.constexpr, ROW: tl.constexpr):
-    """One piece's (src offset, dst offset, flat slot offsets in the piece, selected, compact ranks, length)."""
+def _piece(table_ptr, prog_item_ptr, prog_block_ptr, BLOCK: tl.constexpr, ROW: tl.constexpr):
+    """This program's piece and block: (src offset, dst offset, flat slot offsets in the piece,
+    selected, compact ranks, piece length)."""
+    pid = tl.program_id(0)
+    item = tl.load(prog_item_ptr + pid)
     row = table_ptr + item.to(tl.int64) * ROW
     numel = tl.load(row + 2)
-    offs, sel, rank = table_block_slots(row, numel, tl.load(row + 3), blk, BLOCK)
+    offs, sel, rank = table_block_slots(row, numel, tl.load(row + 3), tl.load(prog_block_ptr + pid), BLOCK)
     return tl.load(row + 0), tl.load(row + 1), offs, sel, rank, numel
 
 
 @triton.jit
 def _pack_kernel(src_ptr, dst_ptr, table_ptr, prog_item_ptr, prog_block_ptr, BLOCK: tl.constexpr, ROW: tl.constexpr):
-    pid = tl.program_id(0)
-    item = tl.load(prog_item_ptr + pid)
-    blk = tl.load(prog_block_ptr + pid)
-    src_off, dst_off, offs, sel, rank, _ = _piece(table_ptr, item, blk, BLOCK, ROW)
+    src_off, dst_off, offs, sel, rank, _ = _piece(table_ptr, prog_item_ptr, prog_block_ptr, BLOCK, ROW)
     vals = tl.load(src_ptr + src_off + offs, mask=sel, other=0)
     tl.store(dst_ptr + dst_off + rank, vals, mask=sel)
 
@@ -52,21 +52,14 @@ def _pack_kernel(src_ptr, dst_ptr, table_ptr, prog_item_ptr, prog_block_ptr, BLO
 def _unpack_kernel(src_ptr, dst_ptr, table_ptr, prog_item_ptr, prog_block_ptr, BLOCK: tl.constexpr, ROW: tl.constexpr):
     # Table rows as for packing, read the other way: ``src`` is the compact buffer (at the piece's dst
     # offset), ``dst`` the dense chunk (at its src offset); every slot of the piece is written, 0 if not selected.
-    pid = tl.program_id(0)
-    item = tl.load(prog_item_ptr + pid)
-    blk = tl.load(prog_block_ptr + pid)
-    dense_off, compact_off, offs, sel, rank, numel = _piece(table_ptr, item, blk, BLOCK, ROW)
+    dense_off, compact_off, offs, sel, rank, numel = _piece(table_ptr, prog_item_ptr, prog_block_ptr, BLOCK, ROW)
     vals = tl.load(src_ptr + compact_off + rank, mask=sel, other=0)
     tl.store(dst_ptr + dense_off + offs, vals, mask=offs < numel)
 
 
 def program_map(numels: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(program -> piece, program -> block of that piece) for pieces of ``numels`` slots, on ``device``."""
-    blocks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
-    item = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), blocks)
-    starts = torch.cumsum(blocks, 0) - blocks
-    block = (torch.arange(int(blocks.sum()), dtype=torch.int64) - starts.repeat_interleave(blocks)).to(torch.int32)
-    return item.to(device), block.to(device)
+    return program_table(device, tuple(triton.cdiv(n, BLOCK) for n in numels))
 
 
 def pack_(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, prog_item: torch.Tensor, prog_block: torch.Tensor) -> None:
