@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from resu.compile import registry
+from resu.tensors import mask_kernels as mask_ops
 from resu.tensors.mask_kernels import MaskEncoding
 from resu.tensors.mode import ResuMode
 from resu.tensors.resu_parameter import ResuParameter
@@ -96,7 +97,7 @@ def _make_plan(pieces: list[list[tuple]], rank: int, device) -> _Plan:
     for r in range(world):
         for start, size, how, bits in pieces[r]:
             if bits is not None:
-                popcounts.append(mask_popcount(bits))
+                popcounts.append(mask_ops._unpack_bits(bits, size).sum())
     counts_flat = torch.stack(popcounts).tolist() if popcounts else []
     it = iter(counts_flat)
     counts = [[] for _ in range(world)]
@@ -128,12 +129,6 @@ def _make_plan(pieces: list[list[tuple]], rank: int, device) -> _Plan:
         return (table, *tsp.program_map(sizes, device))
 
     return _Plan(totals, cap, tables(pack_rows, pack_sizes), tables(unpack_rows, unpack_sizes), keep)
-
-
-def mask_popcount(bits: torch.Tensor) -> torch.Tensor:
-    """Set bits of a uint8 bitmap, as a 0-d int64 device tensor (no host read)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return torch.bitwise_and(torch.bitwise_right_shift(bits.unsqueeze(1), shifts), 1).sum(dtype=torch.int64)
 
 
 class CompactReduceScatter(_ReduceScatterBase or object):
