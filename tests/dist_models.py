@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resu
+from dist_spawn import device
 
 MODES = ("sparse", "resu", "qresu", "selective")
 
@@ -25,8 +26,10 @@ class Mlp(nn.Module):
 
 
 def tiny_model(mode: str, seed: int = 0, unused: bool = False, select_ratio: float = 0.5) -> nn.Module:
-    """A 2-layer MLP (:class:`Mlp`) in ``mode``, pruned to 50%. ``select_ratio``: the RESU-Selective
-    screen and select ratios ("selective" mode); 1.0 leaves only the elementwise consistency test."""
+    """A 2-layer MLP (:class:`Mlp`) in ``mode``, pruned to 50%, on this rank's device.
+
+    ``select_ratio``: the RESU-Selective screen and select ratios ("selective" mode); 1.0 leaves only
+    the elementwise consistency test."""
     torch.manual_seed(seed)
     model = Mlp(unused)
     resu.sparsify_(model)
@@ -37,13 +40,14 @@ def tiny_model(mode: str, seed: int = 0, unused: bool = False, select_ratio: flo
         resu.enter_resu_(model, epsilon=0.5, generator=gen, selective=selective)
     elif mode == "qresu":
         resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4, epsilon=0.5, generator=gen)
-    return model
+    return model.to(device())
 
 
 def batches(steps: int, batch: int = 8, seed: int = 1) -> list:
-    """``steps`` global (x, y) regression batches; rank r of 2 takes rows ``r::2``."""
+    """``steps`` global (x, y) regression batches on this rank's device (drawn on the CPU, so every
+    backend sees the same numbers); rank r of 2 takes rows ``r::2``."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 8, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(steps)]
+    return [(torch.randn(batch, 8, generator=g).to(device()), torch.randn(batch, 4, generator=g).to(device())) for _ in range(steps)]
 
 
 def frozen_parts(model: nn.Module) -> dict:

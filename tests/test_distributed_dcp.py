@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import resu
 from resu.distributed import get_state_dict, set_state_dict
 from dist_models import MODES, Mlp, batches, effective, tiny_model
-from dist_spawn import run_spawned
+from dist_spawn import device, run_spawned
 from torch.multiprocessing import ProcessExitedException
 from test_distributed_fsdp import ELEMENTWISE, full_weights, sharded_model
 from resu.distributed import fully_shard
@@ -130,6 +130,7 @@ def _sharded_at(mode: str, sparsity: float, seed: int):
         resu.enter_resu_(model, epsilon=0.5)
     else:
         resu.enter_qresu_(model, bits=4, scheme="per_group", group_size=4, epsilon=0.5)
+    model.to(device())
     for module in (model.fc1, model.fc2, model):
         fully_shard(module)
     return model

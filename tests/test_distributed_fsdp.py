@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 import resu
 from resu.distributed import fully_shard
 from dist_models import MODES, Mlp, assert_close_to, batches, effective, reference, tiny_model
-from dist_spawn import run_spawned
+from dist_spawn import device, run_spawned
 
 STEPS = 3
 
@@ -133,7 +133,7 @@ def _fsdp_checks(rank: int, world: int) -> None:
 
     # A model without ResuParameters, sharded by torch's own fully_shard: ResuAdamW trains it as AdamW.
     torch.manual_seed(0)
-    plain, plain_ref = Mlp(), Mlp()
+    plain, plain_ref = Mlp().to(device()), Mlp().to(device())
     plain_ref.load_state_dict(plain.state_dict())
     torch_fully_shard(plain)
     train(plain, rank, data)
