@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 import resu
 from resu.distributed import fully_shard
+from resu.distributed.reduce_scatter import fsdp_param_group
 from dist_models import MODES, Mlp, assert_close_to, batches, effective, reference, tiny_model
 from dist_spawn import device, run_spawned
 
@@ -86,7 +87,7 @@ def _full_masks(model) -> list:
     """The mask tensors of the gathered (unsharded) ResuParameters."""
     out = []
     for module in (model.fc1, model.fc2):
-        for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+        for fsdp_param in fsdp_param_group(module).fsdp_params:
             full = getattr(fsdp_param, "_unsharded_param", None)
             if isinstance(full, resu.ResuParameter) and full.mode.has_mask:
                 out.append(full._mask_storage)
@@ -105,7 +106,7 @@ def _fsdp_checks(rank: int, world: int) -> None:
         opt = train(model, rank, data)
         assert_close_to(full_weights(model), reference(mode, data, select_ratio=ELEMENTWISE), f"FSDP2 {mode}")
         # The reduce-scatter sent the trainable slots (half the weight's at s = 0.5) and the bias whole.
-        comm = model.fc1._get_fsdp_state()._fsdp_param_groups[0]._reduce_scatter_comm
+        comm = fsdp_param_group(model.fc1)._reduce_scatter_comm
         assert comm.last_dense == 16 * 8 + 16 and comm.last_sent == 16 * 8 // 2 + 16, (mode, comm.last_sent)
         for name, parts in frozen.items():
             now = local_frozen(model)[name]
@@ -152,7 +153,7 @@ def _fsdp_checks(rank: int, world: int) -> None:
     assert not any(t.is_floating_point() and t.numel() >= shard.numel() for t in inputs)
     train(model, rank, data[:1])
     for module in (model.fc1, model.fc2):
-        for fsdp_param in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+        for fsdp_param in fsdp_param_group(module).fsdp_params:
             # FSDP2's persistent flat data of a QRESU shard is its θ, not a dense copy.
             local = fsdp_param.sharded_param._local_tensor
             if isinstance(local, resu.ResuParameter):

@@ -220,20 +220,27 @@ class CompactReduceScatter(_ReduceScatterBase or object):
         return None
 
 
+def fsdp_param_group(module):
+    """The one FSDP2 parameter group of a module passed to ``fully_shard`` (None when it has none or
+    several). Torch 2.11 keeps it as ``_fsdp_param_group``; later versions as a list, ``_fsdp_param_groups``."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return groups[0] if len(groups) == 1 else None
+
+
 def install_compact_reduce_scatter(module) -> Optional[CompactReduceScatter]:
     """Give ``module`` (just passed to ``fully_shard``) a :class:`CompactReduceScatter` when its own
     parameters include a masked ResuParameter; returns it (None when nothing would be saved, or when
     this torch has no custom reduce-scatter)."""
     if _ReduceScatterBase is None or not hasattr(module, "set_custom_reduce_scatter"):
         return None
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [] if group is None else [group]
-    if len(groups) != 1:
+    group = fsdp_param_group(module)
+    if group is None:
         return None
-    fsdp_params = groups[0].fsdp_params
+    fsdp_params = group.fsdp_params
     masked = [fp for fp in fsdp_params
               if isinstance(fp.sharded_param._local_tensor, ResuParameter) and fp.sharded_param._local_tensor.mode.has_mask]
     if not masked:

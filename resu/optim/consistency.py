@@ -16,9 +16,9 @@ For one weight with p θ slots and compact gradient g (after ``maximize`` negati
 same key by a sample select (a sample ranked, one pass over the keys counting and gathering those in
 a window around the sample's estimate, then the answer's bucket ranked; exact whatever the sample,
 with an exact fallback; on CUDA five Triton launches, no host sync). ``select_impl`` picks per
-device type: "topk" (the default), "key" (kth_largest_key for both thresholds), or "fused" (both
-selects' passes ride in the consistency pass itself, which then keeps in ``keys`` the slots with
-C > τ and returns the threshold max(screen, select): the same selected slots; see
+device type: "topk" (the CPU default), "key" (kth_largest_key for both thresholds), or "fused" (the
+CUDA default: both selects' passes ride in the consistency pass itself, which then keeps in ``keys``
+the slots with C > τ and returns the threshold max(screen, select): the same selected slots; see
 :func:`resu.compile.triton_consistency_select.consistency_select_triton`).
 
 All of it stays on the device (thresholds are 0-d tensors): no host sync per step. CUDA tensors take
@@ -268,12 +268,12 @@ def consistency_pass_(
 # - "key": kth_largest_key twice (the sample select, one pass over the keys each) around the same pass;
 # - "fused": on Triton tensors, consistency_select_triton: both selects' passes fused into the
 #   consistency pass, so no pass over the keys of their own (elsewhere as "key").
-# All three select the same slots; benchmarks/gpu_optim.py and gpu_selective.py time them, and
-# gpu_optim.py checks on the GPU that "key" and "fused" select what "topk" selects. "topk" stays the
-# default on every device until that check has passed on a GPU: the sample-select kernels are tested
-# under Triton's interpreter, and on an H200 their thresholds took 0.48 ms against top-k's 2.20 ms.
+# All three select the same slots: the interpreter tests compare them on random keys with ties and
+# every fallback forced, and benchmarks/gpu_optim.py checks on the GPU that "key" and "fused" select
+# what "topk" selects (True on an H200 over 22.5 M slots). CUDA takes "fused" (its thresholds: 0.48 ms
+# against top-k's 2.19 ms there); the CPU keeps "topk", the reference the others are held to.
 SELECT_IMPLS = ("topk", "key", "fused")
-select_impl: dict = {}
+select_impl: dict = {"cuda": "fused"}
 
 
 @torch.no_grad()
