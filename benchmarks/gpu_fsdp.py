@@ -238,10 +238,32 @@ def run_config(cfg, mode, sparsity, args, device) -> dict:
 
 def profile_steps(step, device: torch.device, tag: str, folder: str, steps: int = 2) -> None:
     """``steps`` more steps under torch.profiler; rank 0 writes the kernel table (by device time) and the
-    host table (by own CPU time) to ``folder/profile_<tag>.txt`` and prints the step's split."""
+    host table (by own CPU time) to ``folder/profile_<tag>.txt`` and prints the step's split. With
+    ``RESU_BENCH_PYPROFILE=1``, ``steps`` steps under cProfile first (``folder/pyprofile_<tag>.txt``:
+    the Python functions by own and by cumulative time)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if os.environ.get("RESU_BENCH_PYPROFILE"):  # the Python functions the host time goes to (rank 0)
+        import cProfile
+        import io
+        import pstats
+
+        _sync(device)
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        py.disable()
+        if dist.get_rank() == 0:
+            os.makedirs(folder, exist_ok=True)
+            text = io.StringIO()
+            stats = pstats.Stats(py, stream=text)
+            stats.sort_stats("tottime").print_stats(60)
+            stats.sort_stats("cumulative").print_stats(80)
+            with open(os.path.join(folder, f"pyprofile_{tag}.txt"), "w") as f:
+                f.write(text.getvalue())
     _sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
