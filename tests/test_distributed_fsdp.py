@@ -38,7 +38,8 @@ def train(model, rank: int, data: list, compiled=None) -> resu.ResuAdamW:
     opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     run = compiled or model
     for x, y in data:
-        F.mse_loss(run(x[rank::2]), y[rank::2]).backward()
+        # The loss in fp32 (a bf16 model's output upcast): CUDA's mse_loss backward refuses mixed dtypes.
+        F.mse_loss(run(x[rank::2]).float(), y[rank::2]).backward()
         opt.step()
         opt.zero_grad()
     return opt

@@ -7,6 +7,8 @@ packed codes are reassembled rather than viewed.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -58,6 +60,8 @@ def test_shards_gather_back_to_the_weight(mode, quant, rows, cols, world):
     assert torch.equal(torch.cat([s.effective_weight() for s in shards]), p.effective_weight())
     assert torch.equal(torch.cat([s.active_mask for s in shards]), p.active_mask)
 
+    # FSDP2 picks the hook's calling convention by its signature: the five-argument one.
+    assert list(inspect.signature(shards[0].fsdp_pre_all_gather).parameters) == ["mesh", "outer_size", "outer_stride", "module", "mp_policy"]
     outputs, metadata = gathered(shards)
     full, owned = post_all_gather(shards[0], outputs, metadata, p.dtype)
     assert isinstance(full, resu.ResuParameter) and full.shape == p.shape and full.mode is p.mode

@@ -23,6 +23,7 @@ as an ``nn.Parameter``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -387,6 +388,10 @@ class ResuParameter(torch.Tensor):
         from resu.distributed.fsdp import pre_all_gather
 
         return pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+
+    # FSDP2 calls inspect.signature on this hook before every all-gather of every weight (to choose
+    # between its two calling conventions); a stored __signature__ answers without re-parsing it.
+    fsdp_pre_all_gather.__signature__ = inspect.signature(fsdp_pre_all_gather)
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         """FSDP2's all-gather output: the full weight on the gathered tensors (see :mod:`resu.distributed.fsdp`)."""
