@@ -21,6 +21,10 @@ Modes (``--modes``; ``dense`` is always measured first in the same process, exce
 - ``qresu-pc:S`` / ``qresu-pg128:S``: the same in QRESU, 4-bit codes per channel / per group of 128.
 - ``qlora``: torchao's NF4 weight (``to_nf4``/``linear_nf4``) frozen + a rank-16 LoRA adapter
   written here (skipped, with a note, when torchao is not importable).
+- any mode with ``+ib`` appended (``dense+ib``, ``qresu-pg128:0.3+ib``): the same optimizers, each
+  parameter stepped inside ``backward()`` as soon as its gradient is ready
+  (:class:`resu.optim.StepInBackward`), so no step holds every gradient at once. Ratios stay against
+  plain ``dense``.
 
 In every mode the embedding, the norms and the head are plain parameters trained by
 ``AdamW(fused=True)``, so the modes differ only in the block linears. A mode's step is forward +
@@ -48,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import resu
+from resu.optim import StepInBackward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +178,9 @@ def torchao_available() -> bool:
 
 # ---------------------------------------------------------------------------------------- modes
 def parse_mode(mode: str) -> tuple[str, Optional[float], Optional[str]]:
-    """``"resu:0.5"`` -> ("resu", 0.5, None); ``"qresu-pg128:0.3"`` -> ("qresu", 0.3, "per_group")."""
+    """``"resu:0.5"`` -> ("resu", 0.5, None); ``"qresu-pg128:0.3"`` -> ("qresu", 0.3, "per_group");
+    a ``+ib`` suffix (stepped in backward) is read by :func:`build` and ignored here."""
+    mode = mode.removesuffix("+ib")
     if mode in ("dense", "qlora"):
         return mode, None, None
     kind, _, s = mode.partition(":")
@@ -214,9 +221,18 @@ def build(cfg: ModelConfig, mode: str, device: str, compiled: bool):
         rest = [p for p in model.parameters() if not isinstance(p, resu.ResuParameter)]
         opts = [resu.ResuAdamW(sparse, lr=1e-4, weight_decay=0.01),
                 torch.optim.AdamW(rest, lr=1e-4, weight_decay=0.01, fused=True)]
+    if mode.endswith("+ib"):  # each optimizer's parameters stepped in backward, one optimizer each
+        opts = [StepInBackward([p for group in opt.param_groups for p in group["params"]],
+                               optimizer_factory=_one_param_factory(opt)) for opt in opts]
     if compiled:
         compile_blocks_(model)
     return model, opts
+
+
+def _one_param_factory(opt: torch.optim.Optimizer):
+    """Builds ``opt``'s kind of optimizer, with ``opt``'s settings, for a one-parameter list."""
+    settings = {k: v for k, v in opt.defaults.items() if k in ("lr", "weight_decay", "betas", "eps", "fused")}
+    return lambda params: type(opt)(params, **settings)
 
 
 def make_step(model: nn.Module, opts: list, cfg: ModelConfig, device: str):
@@ -359,14 +375,14 @@ def profile_mode(cfg: ModelConfig, mode: str, device: str, compiled: bool, tag: 
 
 # ---------------------------------------------------------------------------------------- report
 def print_table(results: list[dict], has_dense: bool) -> None:
-    print(f"| {'run':>3} | {'mode':<16} | {'comp':<5} | {'step ms':>8} | {'×dense':>7} | {'c/e':>5} | "
+    print(f"| {'run':>3} | {'mode':<19} | {'comp':<5} | {'step ms':>8} | {'×dense':>7} | {'c/e':>5} | "
           f"{'tok/s':>9} | {'peak GiB':>8} | {'×dense':>7} | {'held GiB':>8} | {'×dense':>7} |")
-    print("|" + "|".join("-" * (w + 2) for w in (3, 16, 5, 8, 7, 5, 9, 8, 7, 8, 7)) + "|")
+    print("|" + "|".join("-" * (w + 2) for w in (3, 19, 5, 8, 7, 5, 9, 8, 7, 8, 7)) + "|")
     index = {(r["run"], r["mode"], r["compiled"]): r for r in results}
     for r in results:
         comp = "c" if r["compiled"] else "e"
         if "error" in r or "skipped" in r:
-            print(f"| {r['run']:>3} | {r['mode']:<16} | {comp:<5} | {r.get('error') or r.get('skipped')}")
+            print(f"| {r['run']:>3} | {r['mode']:<19} | {comp:<5} | {r.get('error') or r.get('skipped')}")
             continue
         dense = index.get((r["run"], "dense", r["compiled"])) if has_dense else None
         dense = dense if dense and "ms" in dense else None
@@ -374,7 +390,7 @@ def print_table(results: list[dict], has_dense: bool) -> None:
         ratio = lambda key: (f"{r[key] / dense[key]:7.3f}" if dense and key in r and key in dense else f"{'-':>7}")
         ce = f"{r['ms'] / eager['ms']:5.2f}" if r["compiled"] and eager and "ms" in eager else f"{'-':>5}"
         gib = lambda key: f"{r[key] / 2**30:8.2f}" if key in r else f"{'-':>8}"
-        print(f"| {r['run']:>3} | {r['mode']:<16} | {comp:<5} | {r['ms']:8.2f} | {ratio('ms')} | {ce} | "
+        print(f"| {r['run']:>3} | {r['mode']:<19} | {comp:<5} | {r['ms']:8.2f} | {ratio('ms')} | {ce} | "
               f"{r['tokens_per_s']:9.0f} | {gib('peak_bytes')} | {ratio('peak_bytes')} | {gib('held_bytes')} | "
               f"{ratio('held_bytes')} |")
     spread = {}

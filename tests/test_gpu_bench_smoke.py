@@ -34,6 +34,24 @@ def test_model_step_trains_theta_only_in_the_block_linears(benches):
     assert not torch.equal(model.head.weight.detach(), head)  # the rest trains with fused AdamW
 
 
+def test_step_in_backward_mode_takes_the_same_step(benches):
+    """``+ib``: the same optimizers' step, taken inside backward (bitwise on the CPU)."""
+    gpu_model, _ = benches
+    cfg = gpu_model.SIZES["smoke"]
+    plain, plain_opts = gpu_model.build(cfg, "qresu-pg128:0.3", "cpu", compiled=False)
+    hooked, hooked_opts = gpu_model.build(cfg, "qresu-pg128:0.3+ib", "cpu", compiled=False)
+    assert all(isinstance(o, resu.optim.StepInBackward) for o in hooked_opts)
+    for model, opts in ((plain, plain_opts), (hooked, hooked_opts)):
+        step = gpu_model.make_step(model, opts, cfg, "cpu")
+        step()
+        step()
+    for p, q in zip(plain.parameters(), hooked.parameters()):
+        inner = p._inner().items() if isinstance(p, resu.ResuParameter) else [("", p.detach())]
+        other = dict(q._inner()) if isinstance(q, resu.ResuParameter) else {"": q.detach()}
+        assert all(torch.equal(t, other[name]) for name, t in inner)
+    assert all(p.grad is None for p in hooked.parameters())
+
+
 def test_model_smoke_run_writes_rows_and_skips_qlora_without_torchao(benches, tmp_path, monkeypatch):
     gpu_model, _ = benches
     monkeypatch.chdir(tmp_path)
