@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import statistics
@@ -318,6 +319,7 @@ def measure(cfg: ModelConfig, mode: str, device: str, settings: list, warmup: in
 
     Compiled code is kept across measurements (no ``torch._dynamo.reset()``): a rebuilt model of the
     same mode hits the cache, so a second run costs no compilation."""
+    gc.collect()  # what an earlier mode left in reference cycles must not count in this one's memory
     if device == "cuda":
         torch.cuda.empty_cache()
     rows = {}

@@ -74,7 +74,7 @@ def test_same_weights_and_states_as_a_shared_optimizer(mode):
 
 def test_each_gradient_is_stepped_and_dropped_before_backward_reaches_the_earlier_layers():
     model = model_in("qresu")
-    StepInBackward(model.parameters(), lr=1e-2)
+    opt = StepInBackward(model.parameters(), lr=1e-2)  # noqa: F841  (kept: the hooks live as long as it)
     first, last = model[0].weight, model[4].weight
     seen = {}
     # Registered after StepInBackward's hook: runs right after the first layer's step.
@@ -156,3 +156,29 @@ def test_a_failed_load_leaves_every_optimizer_as_it_was():
         for key, value in states.items():
             now = o.state[p][key]
             assert torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value, key
+
+
+def test_no_reference_cycle_keeps_a_deleted_model_alive():
+    import gc
+    import weakref
+
+    gc.disable()  # only reference counting may free them
+    try:
+        model = model_in("qresu")
+        opt = StepInBackward(model.parameters(), lr=1e-2)
+        x, y = data(1)[0]
+        F.mse_loss(model(x), y).backward()
+        refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(o) for o in opt.optimizers]
+        del model, opt
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_deleting_it_takes_the_hooks_off():
+    model = model_in("resu")
+    opt = StepInBackward(model.parameters(), lr=1e-2)
+    del opt
+    x, y = data(1)[0]
+    F.mse_loss(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())  # accumulated as usual, nothing stepped

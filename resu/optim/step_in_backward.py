@@ -18,6 +18,7 @@ What this cannot do (one ``backward()`` is one optimizer step):
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -39,7 +40,9 @@ class StepInBackward:
     A training loop stays as it was: ``loss.backward()`` steps the parameters, and :meth:`step` and
     :meth:`zero_grad` are no-ops kept so that ``opt.step(); opt.zero_grad()`` still reads right. After
     ``backward()`` every gradient of ``params`` is None. :meth:`state_dict` / :meth:`load_state_dict`
-    resume bitwise; :meth:`remove` takes the hooks off (gradients then accumulate as usual).
+    resume bitwise; :meth:`remove` takes the hooks off (gradients then accumulate as usual). Keep this
+    object for as long as you train, as you would an optimizer: once it is deleted its hooks are
+    removed, and the model, its states and this object are freed together, with no reference cycle.
 
     Example::
 
@@ -76,7 +79,16 @@ class StepInBackward:
 
     @staticmethod
     def _stepper(opt: torch.optim.Optimizer) -> Callable:
+        # The hook holds its optimizer weakly: a strong reference would close a cycle (parameter ->
+        # hook -> optimizer -> parameter) that keeps a deleted model's weights and states alive until
+        # the cyclic garbage collector happens to run. This object holds the optimizers, and its
+        # __del__ takes the hooks off.
+        ref = weakref.ref(opt)
+
         def step_now(param: torch.Tensor) -> None:
+            opt = ref()
+            if opt is None:
+                return
             if isinstance(param, ResuParameter):
                 # Runs before this hook when registered first; called again so that a dense gradient
                 # never reaches the step even if this hook came first (idempotent on a compact one).
@@ -124,9 +136,12 @@ class StepInBackward:
 
     def remove(self) -> None:
         """Take the hooks off: later backward passes accumulate gradients as usual."""
-        for handle in self._handles:
+        for handle in getattr(self, "_handles", ()):
             handle.remove()
         self._handles = []
+
+    def __del__(self) -> None:
+        self.remove()
 
 
 __all__ = ["StepInBackward"]
