@@ -23,8 +23,9 @@ Modes (``--modes``; ``dense`` is always measured first in the same process, exce
   written here (skipped, with a note, when torchao is not importable).
 - any mode with ``+ib`` appended (``dense+ib``, ``qresu-pg128:0.3+ib``): the same optimizers, each
   parameter stepped inside ``backward()`` as soon as its gradient is ready
-  (:class:`resu.optim.StepInBackward`), so no step holds every gradient at once. Ratios stay against
-  plain ``dense``.
+  (:class:`resu.optim.StepInBackward`), so no step holds every gradient at once; with ``+ckpt``
+  (``qresu-pg128:0.3+ckpt+ib``): every block's activations recomputed in backward
+  (``torch.utils.checkpoint``, non-reentrant). Ratios stay against plain ``dense``.
 
 In every mode the embedding, the norms and the head are plain parameters trained by
 ``AdamW(fused=True)``, so the modes differ only in the block linears. A mode's step is forward +
@@ -49,6 +50,7 @@ import traceback
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -127,10 +129,16 @@ class Decoder(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
+    #: recompute each block's activations in backward (``+ckpt`` modes) instead of keeping them
+    checkpoint_blocks = False
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, self.cos, self.sin)
+            if self.checkpoint_blocks:
+                x = torch.utils.checkpoint.checkpoint(block, x, self.cos, self.sin, use_reentrant=False)
+            else:
+                x = block(x, self.cos, self.sin)
         return self.head(self.norm(x))
 
 
@@ -180,8 +188,10 @@ def torchao_available() -> bool:
 # ---------------------------------------------------------------------------------------- modes
 def parse_mode(mode: str) -> tuple[str, Optional[float], Optional[str]]:
     """``"resu:0.5"`` -> ("resu", 0.5, None); ``"qresu-pg128:0.3"`` -> ("qresu", 0.3, "per_group");
-    a ``+ib`` suffix (stepped in backward) is read by :func:`build` and ignored here."""
-    mode = mode.removesuffix("+ib")
+    ``+ib`` / ``+ckpt`` suffixes (stepped in backward, checkpointed blocks) are read by :func:`build`."""
+    mode, *extras = mode.split("+")
+    if not set(extras) <= {"ib", "ckpt"}:
+        raise SystemExit(f"gpu_model: unknown suffix in {'+'.join([mode, *extras])!r}; use +ib and/or +ckpt")
     if mode in ("dense", "qlora"):
         return mode, None, None
     kind, _, s = mode.partition(":")
@@ -222,7 +232,9 @@ def build(cfg: ModelConfig, mode: str, device: str, compiled: bool):
         rest = [p for p in model.parameters() if not isinstance(p, resu.ResuParameter)]
         opts = [resu.ResuAdamW(sparse, lr=1e-4, weight_decay=0.01),
                 torch.optim.AdamW(rest, lr=1e-4, weight_decay=0.01, fused=True)]
-    if mode.endswith("+ib"):  # each optimizer's parameters stepped in backward, one optimizer each
+    extras = mode.split("+")[1:]
+    model.checkpoint_blocks = "ckpt" in extras
+    if "ib" in extras:  # each optimizer's parameters stepped in backward, one optimizer each
         opts = [StepInBackward([p for group in opt.param_groups for p in group["params"]],
                                optimizer_factory=_one_param_factory(opt)) for opt in opts]
     if compiled:
@@ -377,14 +389,14 @@ def profile_mode(cfg: ModelConfig, mode: str, device: str, compiled: bool, tag: 
 
 # ---------------------------------------------------------------------------------------- report
 def print_table(results: list[dict], has_dense: bool) -> None:
-    print(f"| {'run':>3} | {'mode':<19} | {'comp':<5} | {'step ms':>8} | {'×dense':>7} | {'c/e':>5} | "
+    print(f"| {'run':>3} | {'mode':<24} | {'comp':<5} | {'step ms':>8} | {'×dense':>7} | {'c/e':>5} | "
           f"{'tok/s':>9} | {'peak GiB':>8} | {'×dense':>7} | {'held GiB':>8} | {'×dense':>7} |")
-    print("|" + "|".join("-" * (w + 2) for w in (3, 19, 5, 8, 7, 5, 9, 8, 7, 8, 7)) + "|")
+    print("|" + "|".join("-" * (w + 2) for w in (3, 24, 5, 8, 7, 5, 9, 8, 7, 8, 7)) + "|")
     index = {(r["run"], r["mode"], r["compiled"]): r for r in results}
     for r in results:
         comp = "c" if r["compiled"] else "e"
         if "error" in r or "skipped" in r:
-            print(f"| {r['run']:>3} | {r['mode']:<19} | {comp:<5} | {r.get('error') or r.get('skipped')}")
+            print(f"| {r['run']:>3} | {r['mode']:<24} | {comp:<5} | {r.get('error') or r.get('skipped')}")
             continue
         dense = index.get((r["run"], "dense", r["compiled"])) if has_dense else None
         dense = dense if dense and "ms" in dense else None

@@ -34,13 +34,16 @@ def test_model_step_trains_theta_only_in_the_block_linears(benches):
     assert not torch.equal(model.head.weight.detach(), head)  # the rest trains with fused AdamW
 
 
-def test_step_in_backward_mode_takes_the_same_step(benches):
-    """``+ib``: the same optimizers' step, taken inside backward (bitwise on the CPU)."""
+@pytest.mark.parametrize("extras", ["+ib", "+ckpt+ib"])
+def test_step_in_backward_and_checkpointed_modes_take_the_same_step(benches, extras):
+    """``+ib``: the same optimizers' step, taken inside backward; ``+ckpt``: blocks recomputed in
+    backward. Both bitwise the plain step on the CPU."""
     gpu_model, _ = benches
     cfg = gpu_model.SIZES["smoke"]
     plain, plain_opts = gpu_model.build(cfg, "qresu-pg128:0.3", "cpu", compiled=False)
-    hooked, hooked_opts = gpu_model.build(cfg, "qresu-pg128:0.3+ib", "cpu", compiled=False)
+    hooked, hooked_opts = gpu_model.build(cfg, "qresu-pg128:0.3" + extras, "cpu", compiled=False)
     assert all(isinstance(o, resu.optim.StepInBackward) for o in hooked_opts)
+    assert hooked.checkpoint_blocks == ("ckpt" in extras)
     for model, opts in ((plain, plain_opts), (hooked, hooked_opts)):
         step = gpu_model.make_step(model, opts, cfg, "cpu")
         step()
