@@ -131,6 +131,10 @@ def test_bad_input_is_refused_naming_the_fix():
         StepInBackward([frozen])
     with pytest.raises(ValueError, match="inside the factory"):
         StepInBackward(params, optimizer_factory=lambda ps: resu.ResuAdamW(ps), lr=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        StepInBackward([])
+    with pytest.raises(ValueError, match="not param-group dicts"):
+        StepInBackward([{"params": params, "weight_decay": 0.1}])
     opt = StepInBackward(params, lr=1e-2)
     with pytest.raises(ValueError, match="closure"):
         opt.step(lambda: 0.0)
@@ -149,8 +153,9 @@ def test_a_failed_load_leaves_every_optimizer_as_it_was():
     train(other, other_opt, batches[:1])
     before = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in o.state[p].items()} for o, p in zip(other_opt.optimizers, other.parameters())]
     broken = {"optimizers": list(good["optimizers"])}
-    broken["optimizers"][-1] = {"state": {}, "param_groups": []}  # the last entry does not fit
-    with pytest.raises(ValueError):
+    last = len(broken["optimizers"]) - 1
+    broken["optimizers"][last] = {"state": {}, "param_groups": []}  # the last entry does not fit
+    with pytest.raises(ValueError, match=rf"entry {last} does not fit `params`\[{last}\]"):
         other_opt.load_state_dict(broken)
     for o, p, states in zip(other_opt.optimizers, other.parameters(), before):
         for key, value in states.items():
@@ -158,27 +163,84 @@ def test_a_failed_load_leaves_every_optimizer_as_it_was():
             assert torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value, key
 
 
-def test_no_reference_cycle_keeps_a_deleted_model_alive():
-    import gc
+def _hook_count(p) -> int:
+    return len(p._post_accumulate_grad_hooks or {})
+
+
+def _trained_and_dropped(stepper_class=StepInBackward):
+    """A QRESU model that took one step through ``stepper_class``, then weak references to its
+    parameters and optimizers, with the model and the stepper deleted."""
     import weakref
 
-    gc.disable()  # only reference counting may free them
+    model = model_in("qresu")
+    opt = stepper_class(model.parameters(), lr=1e-2)
+    x, y = data(1)[0]
+    F.mse_loss(model(x), y).backward()
+    refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(o) for o in opt.optimizers]
+    del model, opt
+    return refs
+
+
+def test_no_reference_cycle_keeps_a_deleted_model_alive():
+    import gc
+
+    _trained_and_dropped()  # first use: torch's lazily built caches, which live for the process
+    gc.collect()
+    gc.disable()  # from here on only reference counting frees anything
     try:
-        model = model_in("qresu")
-        opt = StepInBackward(model.parameters(), lr=1e-2)
-        x, y = data(1)[0]
-        F.mse_loss(model(x), y).backward()
-        refs = [weakref.ref(p) for p in model.parameters()] + [weakref.ref(o) for o in opt.optimizers]
-        del model, opt
-        assert all(r() is None for r in refs)
+        assert all(r() is None for r in _trained_and_dropped())
+
+        class NoCleanup(StepInBackward):  # the hooks alone must not keep anything alive either
+            def __del__(self):
+                pass
+
+        assert all(r() is None for r in _trained_and_dropped(NoCleanup))
     finally:
         gc.enable()
 
 
 def test_deleting_it_takes_the_hooks_off():
     model = model_in("resu")
+    before = [_hook_count(p) for p in model.parameters()]
     opt = StepInBackward(model.parameters(), lr=1e-2)
+    assert [_hook_count(p) for p in model.parameters()] == [n + 1 for n in before]
     del opt
+    assert [_hook_count(p) for p in model.parameters()] == before
     x, y = data(1)[0]
     F.mse_loss(model(x), y).backward()
     assert all(p.grad is not None for p in model.parameters())  # accumulated as usual, nothing stepped
+
+
+def test_selective_consistency_steps_as_a_shared_optimizer():
+    batches = data(3)
+    config = resu.SelectionConfig(k_screen_ratio=0.5, k_select_ratio=0.5, tau_stable=0.3)
+    shared_model, hooked_model = model_in("resu"), model_in("resu")
+    shared = resu.ResuAdamW(shared_model.parameters(), lr=1e-2, selective=config)
+    hooked = StepInBackward(hooked_model.parameters(), lr=1e-2, selective=config)
+    train(shared_model, shared, batches)
+    train(hooked_model, hooked, batches)
+    assert_same(snapshot(shared_model), snapshot(hooked_model))
+
+
+def test_a_stock_optimizer_gets_the_gradient_the_layer_asked_for():
+    # RESULinear in RESU mode with stock_optimizer=True hands stock torch.optim optimizers a dense
+    # gradient; stepping in backward must not turn it back into a compact one.
+    from resu.modules.linear import RESULinear
+
+    def layer():
+        torch.manual_seed(0)
+        out = RESULinear(12, 4)
+        out.prune_by_magnitude(0.5)
+        out.enter_resu_mode(epsilon=0.5, generator=torch.Generator().manual_seed(0))
+        return out
+
+    x, y = data(1)[0]
+    shared_layer, hooked_layer = layer(), layer()
+    shared = torch.optim.Adam(shared_layer.parameters(), lr=1e-2)
+    F.mse_loss(shared_layer(x), y).backward()
+    shared.step()
+    hooked = StepInBackward(hooked_layer.parameters(), optimizer_factory=lambda ps: torch.optim.Adam(ps, lr=1e-2))
+    F.mse_loss(hooked_layer(x), y).backward()
+    assert len(hooked.optimizers) == 2
+    assert torch.equal(shared_layer.weight.effective_weight(), hooked_layer.weight.effective_weight())
+    assert torch.equal(shared_layer.bias.detach(), hooked_layer.bias.detach())

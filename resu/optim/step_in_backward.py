@@ -11,21 +11,32 @@ What this cannot do (one ``backward()`` is one optimizer step):
 
 - gradient accumulation over micro-batches, and gradient clipping by the global norm (no step sees
   every gradient);
+- several backward passes over one graph (``retain_graph=True``, two losses): the first one steps the
+  weights, and the second would differentiate through weights that have already moved;
+- reentrant activation checkpointing (``use_reentrant=True``), whose inner backward passes fire the
+  hooks of a weight shared by two checkpointed regions once each: use ``use_reentrant=False``;
 - an LR scheduler object (``torch.optim.lr_scheduler`` wants one optimizer): set ``lr`` in
   :attr:`StepInBackward.param_groups` instead;
-- FSDP2 / DDP, whose hooks own the gradients.
+- DDP or FSDP2: the hook would step on the rank's own gradient before it is reduced. FSDP2's sharded
+  parameters (DTensors) are refused; under an initialized process group a warning says so.
+
+RESU-Selective's ``"random"`` strategy draws each weight's subset seed from the global generator at
+its first step; backward reaches the weights in the reverse of a shared optimizer's order, so the
+subsets differ from a shared optimizer's (each as random). Every other mode and strategy takes the
+same step bitwise on the CPU.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from resu.optim.resu_adamw import ResuAdamW
-from resu.tensors.foreign_grad import compact_foreign_grad
-from resu.tensors.resu_parameter import ResuParameter
 
 
 class StepInBackward:
@@ -54,6 +65,13 @@ class StepInBackward:
     def __init__(self, params: Iterable[torch.Tensor],
                  optimizer_factory: Optional[Callable[[list], torch.optim.Optimizer]] = None, **defaults) -> None:
         params = list(params)
+        if not params:
+            raise ValueError("StepInBackward: `params` is empty; pass the parameters to train")
+        if any(isinstance(p, dict) for p in params):
+            raise ValueError(
+                "StepInBackward: `params` takes parameters, not param-group dicts; for per-group settings "
+                "pass `optimizer_factory`, which receives each one-parameter list and can choose its settings"
+            )
         if optimizer_factory is not None and defaults:
             raise ValueError(
                 f"StepInBackward: keyword arguments ({', '.join(sorted(defaults))}) configure the default "
@@ -68,7 +86,18 @@ class StepInBackward:
                 )
             if id(p) in seen:
                 raise ValueError(f"StepInBackward: `params`[{i}] is listed twice; list each parameter once")
+            if isinstance(p, DTensor):
+                raise ValueError(
+                    f"StepInBackward: `params`[{i}] is a DTensor (sharded by FSDP2): a step inside backward "
+                    "would not wait for the gradient's reduce-scatter; train sharded models with resu.ResuAdamW"
+                )
             seen.add(id(p))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            warnings.warn(
+                "StepInBackward: a process group is initialized; under DDP each parameter would be stepped on "
+                "this rank's own gradient before the all-reduce, and the replicas would drift apart. Use "
+                "resu.ResuAdamW with DDP.", stacklevel=2,
+            )
         if optimizer_factory is None:
             def optimizer_factory(ps):
                 return ResuAdamW(ps, **defaults)
@@ -89,10 +118,8 @@ class StepInBackward:
             opt = ref()
             if opt is None:
                 return
-            if isinstance(param, ResuParameter):
-                # Runs before this hook when registered first; called again so that a dense gradient
-                # never reaches the step even if this hook came first (idempotent on a compact one).
-                compact_foreign_grad(param)
+            # The gradient is whatever the weight's own hooks left (compact, or dense for a stock
+            # optimizer when the layer asked for one): the step takes it as a shared optimizer would.
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -125,14 +152,18 @@ class StepInBackward:
                 f"entries (one per parameter), got {got}; load a state saved for the same parameters"
             )
         before = [opt.state_dict() for opt in self.optimizers]
-        try:
-            for opt, state in zip(self.optimizers, states):
+        for i, (opt, state) in enumerate(zip(self.optimizers, states)):
+            try:
                 opt.load_state_dict(state)
-        except Exception:
-            # One entry did not fit its parameter: put back those already loaded (nothing half-changed).
-            for opt, state in zip(self.optimizers, before):
-                opt.load_state_dict(state)
-            raise
+            except Exception as exc:
+                # Entry i did not fit its parameter: put back those already loaded (nothing half-changed).
+                for loaded, old in zip(self.optimizers[:i], before):
+                    loaded.load_state_dict(old)
+                raise ValueError(
+                    f"StepInBackward.load_state_dict: entry {i} does not fit `params`[{i}] (shape "
+                    f"{tuple(self.params[i].shape)}): {exc}. Nothing was loaded; load a state saved for the same "
+                    "parameters, in the same order"
+                ) from exc
 
     def remove(self) -> None:
         """Take the hooks off: later backward passes accumulate gradients as usual."""
