@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import statistics
@@ -243,8 +244,13 @@ def build(cfg: ModelConfig, mode: str, device: str, compiled: bool):
 
 
 def _one_param_factory(opt: torch.optim.Optimizer):
-    """Builds ``opt``'s kind of optimizer, with ``opt``'s settings, for a one-parameter list."""
-    settings = {k: v for k, v in opt.defaults.items() if k in ("lr", "weight_decay", "betas", "eps", "fused")}
+    """Builds ``opt``'s kind of optimizer, with every setting of ``opt``'s (one) param group that its
+    constructor takes, for a one-parameter list."""
+    if len(opt.param_groups) != 1:
+        raise ValueError("gpu_model: +ib expects optimizers with one param group")
+    accepted = inspect.signature(type(opt).__init__).parameters
+    group = opt.param_groups[0]
+    settings = {k: v for k, v in group.items() if k != "params" and k in accepted}
     return lambda params: type(opt)(params, **settings)
 
 
@@ -404,7 +410,7 @@ def print_table(results: list[dict], has_dense: bool) -> None:
         ratio = lambda key: (f"{r[key] / dense[key]:7.3f}" if dense and key in r and key in dense else f"{'-':>7}")
         ce = f"{r['ms'] / eager['ms']:5.2f}" if r["compiled"] and eager and "ms" in eager else f"{'-':>5}"
         gib = lambda key: f"{r[key] / 2**30:8.2f}" if key in r else f"{'-':>8}"
-        print(f"| {r['run']:>3} | {r['mode']:<19} | {comp:<5} | {r['ms']:8.2f} | {ratio('ms')} | {ce} | "
+        print(f"| {r['run']:>3} | {r['mode']:<24} | {comp:<5} | {r['ms']:8.2f} | {ratio('ms')} | {ce} | "
               f"{r['tokens_per_s']:9.0f} | {gib('peak_bytes')} | {ratio('peak_bytes')} | {gib('held_bytes')} | "
               f"{ratio('held_bytes')} |")
     spread = {}
@@ -452,7 +458,7 @@ def main(argv=None) -> None:
     out_path = args.out or f"gpu_model_{size}.json"
     for run in range(1, args.runs + 1):
         for mode in modes:
-            if mode == "qlora" and not torchao_available():
+            if parse_mode(mode)[0] == "qlora" and not torchao_available():
                 note = "qlora skipped: torchao is not importable (pip install torchao)"
                 print(note, flush=True)
                 measured = {compiled: {"skipped": note} for compiled in settings}
