@@ -15,19 +15,19 @@ from torch.distributed.tensor import DTensor
 import resu
 from resu.distributed import fully_shard
 from resu.distributed.reduce_scatter import fsdp_param_group
+from resu.distributed.select import kth_largest_across
 from dist_models import MODES, Mlp, assert_close_to, batches, effective, reference, tiny_model
 from dist_spawn import device, run_spawned
 
 STEPS = 3
 
 
-# RESU-Selective's top-k runs per shard under FSDP2 (k is a fraction of the shard's θ slots), so the
-# comparison with one process uses the elementwise criterion only (screen and select ratios 1).
+# Screen and select ratios 1: RESU-Selective's elementwise criterion only (the DCP tests use it).
 ELEMENTWISE = 1.0
 
 
-def sharded_model(mode: str, **kwargs):
-    model = tiny_model(mode, seed=0, select_ratio=ELEMENTWISE)
+def sharded_model(mode: str, select_ratio: float = ELEMENTWISE, **kwargs):
+    model = tiny_model(mode, seed=0, select_ratio=select_ratio)
     fully_shard(model.fc1, **kwargs)
     fully_shard(model.fc2, **kwargs)
     fully_shard(model, **kwargs)
@@ -125,6 +125,13 @@ def _fsdp_checks(rank: int, world: int) -> None:
             assert opt.state[p]["exp_avg"].shape == (n_slots,), mode
             assert isinstance(opt.state[p]["exp_avg"], torch.Tensor) and not isinstance(opt.state[p]["exp_avg"], DTensor)
 
+    # RESU-Selective with top-k screens and selects (ratios 0.5): the thresholds rank every rank's θ
+    # slots together, so the shards select what one process selects.
+    model = sharded_model("selective", select_ratio=0.5)
+    train(model, rank, data)
+    assert_close_to(full_weights(model), reference("selective", data, select_ratio=0.5), "FSDP2 selective, top-k")
+    _check_kth_largest_across(rank, world)
+
     # Torch's own fully_shard on ResuParameters would drop masks and modes: refused, naming the fix.
     try:
         torch_fully_shard(tiny_model("resu").fc1)
@@ -181,6 +188,21 @@ def _fsdp_checks(rank: int, world: int) -> None:
         train(model, rank, data)
         assert_close_to(full_weights(model), reference(mode, data), f"FSDP2 bf16 {mode}", rtol=0.05, atol=0.02)
         assert all(torch.equal(a, b) for n, parts in frozen.items() for a, b in zip(parts, local_frozen(model)[n]))
+
+
+def _check_kth_largest_across(rank: int, world: int) -> None:
+    """The k-th largest key over all ranks equals the k-th largest of the ranks' keys joined (−1 masked)."""
+    g = torch.Generator().manual_seed(5)
+    for n_per_rank in (1, 7, 300):
+        joined = torch.randperm(world * n_per_rank * 4, generator=g)[: world * n_per_rank].to(torch.int64)
+        joined = joined * (1 << 33) + torch.randint(0, 1 << 32, joined.shape, generator=g)  # distinct, 64-bit wide
+        joined[torch.rand(joined.shape, generator=g) < 0.3] = -1
+        mine = joined.view(world, -1)[rank].to(device())
+        valid = joined[joined >= 0].sort(descending=True).values
+        for k in (1, 2, max(1, valid.numel() // 2), valid.numel(), valid.numel() + 1):
+            got = kth_largest_across(mine, k)
+            want = valid[k - 1] if k <= valid.numel() else torch.tensor(-1)
+            assert int(got) == int(want), (n_per_rank, k, int(got), int(want))
 
 
 def test_fsdp2_every_mode():

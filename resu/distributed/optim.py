@@ -5,7 +5,9 @@ ResuParameter shard for a ResuParameter), with DTensor gradients. ResuAdamW work
 around each :meth:`~resu.ResuAdamW.step` of an optimizer holding DTensors, a step pre-hook puts each
 DTensor's local shard (with its local gradient) in its place and moves its state under it, and the
 post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
-is ever gathered. :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
+is ever gathered. During the step a ResuParameter shard also carries its DTensor's mesh
+(``_resu_shard_mesh``), so that RESU-Selective ranks its keys over every rank's shard
+(:mod:`resu.distributed.select`). :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
 
 Every ResuAdamW registers the two hooks on itself (:func:`attach_dtensor_hooks`, from its
 ``__init__`` and ``__setstate__``); other optimizers never see them. They return at once while
@@ -39,6 +41,8 @@ def _to_local(opt, args, kwargs) -> None:
             local = p._local_tensor
             grad = p.grad
             local.grad = None if grad is None else grad._local_tensor
+            if hasattr(local, "resu_layout"):  # a ResuParameter shard: RESU-Selective ranks over its mesh
+                local._resu_shard_mesh = p.device_mesh
             if p in opt.state:
                 opt.state[local] = opt.state.pop(p)
             params[i] = local
@@ -53,6 +57,7 @@ def _to_dtensor(opt, args, kwargs) -> None:
         if local in opt.state:
             opt.state[p] = opt.state.pop(local)
         local.grad = None
+        local.__dict__.pop("_resu_shard_mesh", None)
         params[i] = p
 
 

@@ -277,11 +277,15 @@ select_impl: dict = {"cuda": "fused"}
 
 
 @torch.no_grad()
-def consistency_selection(grad, ema_m, ema_v, config, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def consistency_selection(grad, ema_m, ema_v, config, maximize: bool, shard=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 1–4 above for one weight: returns ``(keys, threshold, sum_c, n_selected)``; the slots to
     update are ``keys >= threshold`` (exactly ``n_selected`` of them). With ``select_impl`` "fused",
     ``keys`` keep the slots with C > τ and ``threshold`` is max(screen, select) (see
-    :func:`resu.compile.triton_consistency_select.consistency_select_triton`): the same slots ≥ threshold."""
+    :func:`resu.compile.triton_consistency_select.consistency_select_triton`): the same slots ≥ threshold.
+    With ``shard`` (an FSDP2 row shard's :class:`resu.distributed.select.ShardSelection`), both
+    thresholds rank the keys of every rank's shard (:func:`_shard_selection`)."""
+    if shard is not None:
+        return _shard_selection(grad, ema_m, ema_v, config, maximize, shard)
     n = grad.numel()
     k_screen, k_select = config.screen_count(n), config.select_count(n)
     impl = select_impl.get(grad.device.type, "topk")
@@ -301,3 +305,22 @@ def consistency_selection(grad, ema_m, ema_v, config, maximize: bool) -> tuple[t
     )
     threshold = kth(keys, k_select).clamp_min(0)
     return keys, threshold, sum_c, n_eligible.clamp(max=k_select)
+
+
+def _shard_selection(grad, ema_m, ema_v, config, maximize: bool, shard):
+    """:func:`consistency_selection` for one rank's row shard of a weight: the counts are fractions of
+    the whole weight's θ slots, each key carries its slot's index in the whole weight's θ order (ties
+    break as in one process), and both thresholds are ranked over every rank's keys
+    (:func:`resu.distributed.select.kth_largest_across`). ``n_selected`` counts this rank's selected slots."""
+    from resu.distributed.select import kth_largest_across
+
+    k_screen, k_select = config.screen_count(shard.n_total), config.select_count(shard.n_total)
+    # The low 32 bits of a key are the complement of the slot's index: shifting the index by the
+    # shard's offset subtracts the offset.
+    keys = selection_keys(grad) - shard.offset
+    screen = kth_largest_across(keys, k_screen, shard.group)
+    sum_c, _ = consistency_pass_(
+        grad, ema_m, ema_v, keys, screen, beta=config.beta, delta=config.delta, tau=config.tau_stable, maximize=maximize
+    )
+    threshold = kth_largest_across(keys, k_select, shard.group).clamp_min(0)
+    return keys, threshold, sum_c, (keys >= threshold).sum()

@@ -9,6 +9,7 @@ from torch.optim import adamw as torch_adamw
 
 from resu.compile.adamw_math import adamw_update_
 from resu.distributed.optim import attach_dtensor_hooks
+from resu.distributed.select import shard_selection_of
 from resu.optim.adamw_step import MaskedSlots, StepJob, Target, adamw_step_, adamw_steps_
 from resu.optim.selection_config import SelectionConfig
 from resu.optim.selective import (
@@ -325,7 +326,8 @@ class ResuAdamW(torch.optim.Optimizer):
         state = self._prepare_state(p, n_states, amsgrad, selection=tag)
         grad = p.grad
         values = grad.values if isinstance(grad, CompactGrad) else p._gather_pruned(grad)
-        selective_step_(self._slots(p), values, state, config, hyper, self._selection_stats)
+        selective_step_(self._slots(p), values, state, config, hyper, self._selection_stats,
+                        shard=shard_selection_of(p) if hasattr(p, "_resu_shard_mesh") else None)
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)

@@ -130,9 +130,13 @@ def selective_step_(
     config: SelectionConfig,
     hyper: dict,
     stats: Optional[SelectionStats] = None,
+    shard=None,
 ) -> None:
     """One RESU-Selective step of one weight: ``grad`` is its compact θ gradient (p values), ``state``
-    its optimizer state laid out by :func:`state_layout` (``step`` not yet incremented)."""
+    its optimizer state laid out by :func:`state_layout` (``step`` not yet incremented). ``shard``: a
+    :class:`resu.distributed.select.ShardSelection` when the weight is an FSDP2 row shard; the
+    consistency thresholds are then ranked over every rank's θ slots (static strategies still choose
+    their subset per shard)."""
     n = grad.numel()
     if n == 0:
         return
@@ -150,7 +154,7 @@ def selective_step_(
     _ensure_ema(state, state["exp_avg"], n)
     state["step"] += 1
     keys, threshold, sum_c, n_selected = consistency_selection(
-        grad, state["selection_m"], state["selection_v"], config, hyper["maximize"]
+        grad, state["selection_m"], state["selection_v"], config, hyper["maximize"], shard=shard
     )
     adamw_step_(target, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
                 selection=key_at_least(keys, threshold), **hyper)
