@@ -131,6 +131,20 @@ def _fsdp_checks(rank: int, world: int) -> None:
     train(model, rank, data)
     assert_close_to(full_weights(model), reference("selective", data, select_ratio=0.5), "FSDP2 selective, top-k")
     _check_kth_largest_across(rank, world)
+    _check_shard_selection_with_ties(rank, world)
+    # A rank whose shard of fc1 has no θ slots still takes part in the other rank's selects.
+    model = _selective_with_an_empty_shard()
+    for module in (model.fc1, model.fc2, model):
+        fully_shard(module)
+    assert model.fc1.weight._local_tensor.n_pruned == (0 if rank == 1 else 64)
+    train(model, rank, data)
+    one_process = _selective_with_an_empty_shard()
+    opt = resu.ResuAdamW(one_process.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in data:
+        F.mse_loss(one_process(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert_close_to(full_weights(model), one_process, "FSDP2 selective, a shard without θ")
 
     # Torch's own fully_shard on ResuParameters would drop masks and modes: refused, naming the fix.
     try:
@@ -203,6 +217,59 @@ def _check_kth_largest_across(rank: int, world: int) -> None:
             got = kth_largest_across(mine, k)
             want = valid[k - 1] if k <= valid.numel() else torch.tensor(-1)
             assert int(got) == int(want), (n_per_rank, k, int(got), int(want))
+
+
+def _selective_with_an_empty_shard():
+    """The test MLP, pruned globally after fc1's rows 8-15 were made large: all of fc1's θ is in rows
+    0-7 (rank 0's shard), none in rank 1's; RESU-Selective with top-k ratios 0.5."""
+    torch.manual_seed(0)
+    model = Mlp()
+    with torch.no_grad():
+        model.fc1.weight[8:] += 10.0
+    resu.sparsify_(model)
+    resu.prune_(model, 0.5, scope="global")
+    config = resu.SelectionConfig(k_screen_ratio=0.5, k_select_ratio=0.5, tau_stable=0.3)
+    resu.enter_resu_(model, epsilon=0.5, generator=torch.Generator().manual_seed(0), selective=config)
+    return model.to(device())
+
+
+def _check_shard_selection_with_ties(rank: int, world: int) -> None:
+    """Each rank's part of a selection over tied gradients, uneven shards (one of them empty) equals
+    that part of the one-process selection: ties break by the slot's index in the whole weight."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resu.distributed.select import ShardSelection
+    from resu.optim.consistency import consistency_selection
+    from resu.optim.selection_config import SelectionConfig
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    config = SelectionConfig(k_screen_ratio=0.5, k_select_ratio=0.4, tau_stable=0.3)
+    g = torch.Generator().manual_seed(11)
+    for counts in ((10, 14), (24, 0), (0, 9)):
+        n = sum(counts)
+        # Every slot tied first (the selection is then by index alone), then many exact ties.
+        steps = [torch.full((n,), 0.5)] + [torch.randint(-3, 4, (n,), generator=g).float() / 4 for _ in range(3)]
+        whole = [torch.zeros(n), torch.zeros(n)]
+        start = sum(counts[:rank])
+        mine = [torch.zeros(counts[rank], device=device()) for _ in range(2)]
+        shard = ShardSelection(group=None, offset=start, n_total=n)
+        for grad in steps:
+            keys, thr, _, _ = consistency_selection(grad, *whole, config, False)
+            want = (keys >= thr)[start:start + counts[rank]]
+            with HostReads():
+                my_keys, my_thr, _, n_sel = consistency_selection(grad[start:start + counts[rank]].to(device()), *mine,
+                                                                  config, False, shard=shard)
+            assert torch.equal((my_keys >= my_thr).cpu(), want), (counts, rank)
+            assert int(n_sel) == int(want.sum())
+            assert torch.equal(mine[0].cpu(), whole[0][start:start + counts[rank]])
+        assert HostReads.count == 0, f"{HostReads.count} host reads of device data in the sharded selection"
 
 
 def test_fsdp2_every_mode():

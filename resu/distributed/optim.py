@@ -5,9 +5,8 @@ ResuParameter shard for a ResuParameter), with DTensor gradients. ResuAdamW work
 around each :meth:`~resu.ResuAdamW.step` of an optimizer holding DTensors, a step pre-hook puts each
 DTensor's local shard (with its local gradient) in its place and moves its state under it, and the
 post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
-is ever gathered. During the step a ResuParameter shard also carries its DTensor's mesh
-(``_resu_shard_mesh``), so that RESU-Selective ranks its keys over every rank's shard
-(:mod:`resu.distributed.select`). :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
+is ever gathered. During the step :func:`shard_mesh` tells which mesh a local shard belongs to, so
+that RESU-Selective ranks its keys over every rank's shard (:mod:`resu.distributed.select`). :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
 
 Every ResuAdamW registers the two hooks on itself (:func:`attach_dtensor_hooks`, from its
 ``__init__`` and ``__setstate__``); other optimizers never see them. They return at once while
@@ -20,6 +19,13 @@ import sys
 import weakref
 
 _SWAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_MESHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> {id(local shard): mesh}
+
+
+def shard_mesh(opt, local):
+    """The device mesh of the DTensor whose local shard ``local`` is, during a step of ``opt``; None
+    for a parameter that is not an FSDP2 shard (or outside a step)."""
+    return _MESHES.get(opt, {}).get(id(local))
 
 
 def _dtensor_type():
@@ -32,7 +38,7 @@ def _to_local(opt, args, kwargs) -> None:
     DTensor = _dtensor_type()
     if DTensor is None:
         return
-    swapped = []
+    swapped, meshes = [], {}
     for group in opt.param_groups:
         params = group["params"]
         for i, p in enumerate(params):
@@ -41,14 +47,14 @@ def _to_local(opt, args, kwargs) -> None:
             local = p._local_tensor
             grad = p.grad
             local.grad = None if grad is None else grad._local_tensor
-            if hasattr(local, "resu_layout"):  # a ResuParameter shard: RESU-Selective ranks over its mesh
-                local._resu_shard_mesh = p.device_mesh
+            meshes[id(local)] = p.device_mesh
             if p in opt.state:
                 opt.state[local] = opt.state.pop(p)
             params[i] = local
             swapped.append((params, i, p, local))
     if swapped:
         _SWAPPED[opt] = swapped
+        _MESHES[opt] = meshes  # rebuilt at every step, so a step that raised leaves nothing stale behind
 
 
 def _to_dtensor(opt, args, kwargs) -> None:
@@ -57,8 +63,8 @@ def _to_dtensor(opt, args, kwargs) -> None:
         if local in opt.state:
             opt.state[p] = opt.state.pop(local)
         local.grad = None
-        local.__dict__.pop("_resu_shard_mesh", None)
         params[i] = p
+    _MESHES.pop(opt, None)
 
 
 def attach_dtensor_hooks(opt) -> None:
@@ -67,4 +73,4 @@ def attach_dtensor_hooks(opt) -> None:
     opt.register_step_post_hook(_to_dtensor)
 
 
-__all__ = ["attach_dtensor_hooks"]
+__all__ = ["attach_dtensor_hooks", "shard_mesh"]

@@ -17,12 +17,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from resu.distributed.optim import shard_mesh
 from resu.distributed.row_shards import shard_info
 from resu.tensors.resu_parameter import ResuParameter
 
 # Selection keys are non-negative int64 (bit 63 clear), ranked here 8 bits at a time from the top.
 _DIGIT_BITS = 8
 _SHIFTS = tuple(range(64 - _DIGIT_BITS, -1, -_DIGIT_BITS))
+# The low 32 bits of a key hold the complement of the slot's index in the whole weight.
+_MAX_SLOTS = 1 << 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +38,21 @@ class ShardSelection:
     n_total: int
 
 
-def shard_selection_of(p: torch.Tensor) -> Optional[ShardSelection]:
-    """The :class:`ShardSelection` of an FSDP2 row shard during a ResuAdamW step (its mesh is set on it
-    by :mod:`resu.distributed.optim`); None for an unsharded weight."""
-    mesh = getattr(p, "_resu_shard_mesh", None)
+def shard_selection_of(opt, p: torch.Tensor) -> Optional[ShardSelection]:
+    """The :class:`ShardSelection` of ``p`` during a step of the ResuAdamW ``opt`` when ``p`` is an FSDP2
+    row shard (:func:`resu.distributed.optim.shard_mesh`); None otherwise."""
+    mesh = shard_mesh(opt, p)
     if mesh is None or not isinstance(p, ResuParameter):
         return None
     counts = shard_info(p).theta_counts
+    n_total = sum(counts)
+    if n_total > _MAX_SLOTS:
+        raise ValueError(
+            f"RESU-Selective: a sharded weight has {n_total} θ slots; selection keys index at most {_MAX_SLOTS} "
+            "slots of one weight. Split the layer, or train it without selective updates"
+        )
     rank = mesh.get_local_rank()
-    return ShardSelection(group=mesh.get_group(), offset=sum(counts[:rank]), n_total=sum(counts))
+    return ShardSelection(group=mesh.get_group(), offset=sum(counts[:rank]), n_total=n_total)
 
 
 @torch.no_grad()
@@ -66,10 +75,12 @@ def kth_largest_across(keys: torch.Tensor, k: int, group: Optional[dist.ProcessG
         at_least = hist.flip(0).cumsum(0)  # at_least[i]: matching keys whose digit is ≥ 255 - i
         if found is None:
             found = at_least[-1] >= need
-        i = (at_least < need).sum().clamp(max=255)  # the first i with at_least[i] ≥ need
+        i = (at_least < need).sum().clamp(max=255).view(1)  # the first i with at_least[i] ≥ need
         d = 255 - i
-        need = need - (at_least[i] - hist[d])  # the keys with a larger digit rank above the answer
-        prefix = (prefix << _DIGIT_BITS) | d
+        # The keys with a larger digit rank above the answer. gather, not at_least[i]: indexing with a
+        # tensor reads the index on the host (a sync that would wait for the all-reduce).
+        need = need - (at_least.gather(0, i) - hist.gather(0, d)).view(())
+        prefix = (prefix << _DIGIT_BITS) | d.view(())
     return torch.where(found, prefix, torch.full_like(prefix, -1))
 
 

@@ -317,10 +317,14 @@ def _shard_selection(grad, ema_m, ema_v, config, maximize: bool, shard):
     k_screen, k_select = config.screen_count(shard.n_total), config.select_count(shard.n_total)
     # The low 32 bits of a key are the complement of the slot's index: shifting the index by the
     # shard's offset subtracts the offset.
-    keys = selection_keys(grad) - shard.offset
+    keys = (selection_keys(grad) if grad.numel() else grad.new_empty(0, dtype=torch.int64)) - shard.offset
     screen = kth_largest_across(keys, k_screen, shard.group)
-    sum_c, _ = consistency_pass_(
-        grad, ema_m, ema_v, keys, screen, beta=config.beta, delta=config.delta, tau=config.tau_stable, maximize=maximize
-    )
+    if grad.numel():
+        sum_c, _ = consistency_pass_(
+            grad, ema_m, ema_v, keys, screen, beta=config.beta, delta=config.delta, tau=config.tau_stable,
+            maximize=maximize,
+        )
+    else:  # a shard without θ slots: nothing to update, but its ranks' selects count on it
+        sum_c = grad.new_zeros((), dtype=torch.float32)
     threshold = kth_largest_across(keys, k_select, shard.group).clamp_min(0)
     return keys, threshold, sum_c, (keys >= threshold).sum()

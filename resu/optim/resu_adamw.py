@@ -327,7 +327,7 @@ class ResuAdamW(torch.optim.Optimizer):
         grad = p.grad
         values = grad.values if isinstance(grad, CompactGrad) else p._gather_pruned(grad)
         selective_step_(self._slots(p), values, state, config, hyper, self._selection_stats,
-                        shard=shard_selection_of(p) if hasattr(p, "_resu_shard_mesh") else None)
+                        shard=shard_selection_of(self, p))
 
     def _step_param(self, p: torch.Tensor, amsgrad: bool, hyper: dict) -> None:
         n = self._n_trainable(p)

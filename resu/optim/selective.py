@@ -139,6 +139,9 @@ def selective_step_(
     their subset per shard)."""
     n = grad.numel()
     if n == 0:
+        if shard is not None and not config.is_static:
+            # A rank whose shard has no θ slots still takes part in the other ranks' threshold selects.
+            consistency_selection(grad, grad, grad, config, hyper["maximize"], shard=shard)
         return
     grad = grad.contiguous()
     if config.is_static:
