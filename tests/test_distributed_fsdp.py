@@ -45,6 +45,16 @@ def train(model, rank: int, data: list, compiled=None) -> resu.ResuAdamW:
     return opt
 
 
+def train_whole_batches(model, data: list):
+    """``model`` trained in this process alone on the whole batches (what the ranks' halves add up to)."""
+    opt = resu.ResuAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for x, y in data:
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
 def full_weights(model) -> dict:
     """Every parameter's full effective weight, assembled from the ranks' local shards."""
     out = {}
@@ -138,12 +148,7 @@ def _fsdp_checks(rank: int, world: int) -> None:
         fully_shard(module)
     assert model.fc1.weight._local_tensor.n_pruned == (0 if rank == 1 else 64)
     train(model, rank, data)
-    one_process = _selective_with_an_empty_shard()
-    opt = resu.ResuAdamW(one_process.parameters(), lr=1e-2, weight_decay=0.1)
-    for x, y in data:
-        F.mse_loss(one_process(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    one_process = train_whole_batches(_selective_with_an_empty_shard(), data)
     assert_close_to(full_weights(model), one_process, "FSDP2 selective, a shard without θ")
 
     # Torch's own fully_shard on ResuParameters would drop masks and modes: refused, naming the fix.
@@ -160,12 +165,7 @@ def _fsdp_checks(rank: int, world: int) -> None:
     plain_ref.load_state_dict(plain.state_dict())
     torch_fully_shard(plain)
     train(plain, rank, data)
-    opt = resu.ResuAdamW(plain_ref.parameters(), lr=1e-2, weight_decay=0.1)
-    for x, y in data:
-        F.mse_loss(plain_ref(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    assert_close_to(full_weights(plain), plain_ref, "torch fully_shard, plain model")
+    assert_close_to(full_weights(plain), train_whole_batches(plain_ref, data), "torch fully_shard, plain model")
 
     # QRESU: the all-gather moves packed codes, scales, θ and mask bits, no dense weight.
     model = sharded_model("qresu")
