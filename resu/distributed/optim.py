@@ -6,7 +6,8 @@ around each :meth:`~resu.ResuAdamW.step` of an optimizer holding DTensors, a ste
 DTensor's local shard (with its local gradient) in its place and moves its state under it, and the
 post-hook puts everything back. States are thus local compact vectors of the rank's slots: nothing
 is ever gathered. During the step :func:`shard_mesh` tells which mesh a local shard belongs to, so
-that RESU-Selective ranks its keys over every rank's shard (:mod:`resu.distributed.select`). :mod:`resu.distributed.dcp` turns them into DTensors for checkpoints.
+that RESU-Selective ranks its keys over every rank's shard (:mod:`resu.distributed.select`).
+:mod:`resu.distributed.dcp` turns the states into DTensors for checkpoints.
 
 Every ResuAdamW registers the two hooks on itself (:func:`attach_dtensor_hooks`, from its
 ``__init__`` and ``__setstate__``); other optimizers never see them. They return at once while

@@ -143,7 +143,9 @@ class StepInBackward:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load what :meth:`state_dict` returned for the same parameters (checked before anything loads)."""
+        """Load what :meth:`state_dict` returned for the same parameters. The entry count is checked
+        first; an entry that does not fit its parameter raises after the entries already loaded are
+        put back, so nothing is half-changed."""
         states = state_dict.get("optimizers") if isinstance(state_dict, dict) else None
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             got = len(states) if isinstance(states, list) else "no"
