@@ -109,6 +109,87 @@ def test_grouped_kernel_equals_per_weight_kernels_bitwise(device, seed, maximize
     assert moved
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [3, 4])
+def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device, seed):
+    """Whole blocks take the unmasked (vector) path, the last block of each weight the masked one. A θ
+    that is a view one element into its buffer is not 16-byte aligned, and one weight whose pruned and
+    active slots are both stepped in one call (two launches, one per kind) gets both steps. Unaligned
+    pointers change the compiled variant, never the result. Unselected slots holding -0.0 and a NaN keep their bits, and nothing past a
+    compact vector's end is written."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 4095  # three whole blocks and a partial one of 1023 slots
+    bufs = {key: torch.randn(n + 3, generator=gen) for key in ("weight", "grad", "m", "v")}
+    bufs["v"].abs_()
+    compact = {key: buf[1:n + 1] for key, buf in bufs.items()}  # one element in: not 16-byte aligned
+    exact = _bitmap_case(gen, (64, 64), 0.5, True, False)  # whole blocks only
+    ragged = _bitmap_case(gen, (37, 61), 0.7, True, True)
+    pruned = mask_ops.pruned_bool(ragged["storage"], mask_ops.MaskEncoding.BITMAP, 37 * 61, ragged["k"])
+    active = (~pruned).nonzero().reshape(-1)
+    ragged["weight"].view(-1)[active[:2]] = torch.tensor([-0.0, float("nan")])
+    both = _bitmap_case(gen, (40, 50), 0.5, True, False)
+    n_active = both["weight"].numel() - both["k"]
+    both_active = dict(m=torch.randn(n_active, generator=gen), v=torch.rand(n_active, generator=gen),
+                       grad=torch.randn(n_active, generator=gen))
+    bufs = {k: v.to(device) for k, v in bufs.items()}
+    compact = {key: buf[1:n + 1] for key, buf in bufs.items()}
+    exact, ragged, both = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+                           for c in (exact, ragged, both))
+    both_active = {k: v.to(device) for k, v in both_active.items()}
+    cases = [compact, exact, ragged, both]
+    before = [c["weight"].clone() for c in cases]
+    guard = bufs["weight"][n + 1:].clone()
+
+    def reference(case, select_pruned, grad, m, v, step, weight=None):
+        if "storage" in case:
+            target = A.MaskedSlots(case["weight"].clone() if weight is None else weight, case["storage"],
+                                   mask_ops.MaskEncoding.BITMAP, case["k"], select_pruned)
+        else:
+            target = case["weight"].clone()
+        m, v = m.clone(), v.clone()
+        A.adamw_reference_(target, grad, m, v, step, **HYPER, maximize=False)
+        return A.holder(target), m, v
+
+    expect = {"compact": reference(compact, True, compact["grad"], compact["m"], compact["v"], 2),
+              "exact": reference(exact, True, exact["grad"], exact["m"], exact["v"], 5),
+              "ragged": reference(ragged, True, ragged["grad"], ragged["m"], ragged["v"], 1)}
+    both_pruned = reference(both, True, both["grad"], both["m"], both["v"], 3)
+    both_weight, both_m, _ = reference(both, False, both_active["grad"], both_active["m"], both_active["v"], 4,
+                                       weight=both_pruned[0])  # then the same weight's active slots
+
+    K = triton_adamw
+    whole = [
+        (K.KIND_COMPACT, compact["weight"], compact["grad"], compact["m"], compact["v"], 2, None, n),
+        (K.KIND_BITMAP_PRUNED, exact["weight"], exact["grad"], exact["m"], exact["v"], 5, exact["storage"],
+         exact["n_sel"]),
+        (K.KIND_BITMAP_PRUNED | K.GRAD_DENSE, ragged["weight"], ragged["grad"].reshape(-1), ragged["m"], ragged["v"],
+         1, ragged["storage"], ragged["n_sel"]),
+    ]
+    twice = [
+        (K.KIND_BITMAP_PRUNED, both["weight"], both["grad"], both["m"], both["v"], 3, both["storage"], both["n_sel"]),
+        (K.KIND_BITMAP_ACTIVE, both["weight"], both_active["grad"], both_active["m"], both_active["v"], 4,
+         both["storage"], n_active),
+    ]
+    assert not K.pointers_aligned(whole) and K.pointers_aligned(whole[1:]) and K.pointers_aligned(twice)
+    K.grouped_adamw_triton_(whole, **HYPER, maximize=False)
+    K.grouped_adamw_triton_(twice, **HYPER, maximize=False)
+
+    for name, case in (("compact", compact), ("exact", exact), ("ragged", ragged)):
+        want_w, want_m, want_v = expect[name]
+        torch.testing.assert_close(case["weight"], want_w.view_as(case["weight"]), rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(case["m"], want_m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(case["v"], want_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both["weight"], both_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(both_active["m"], both_m, rtol=1e-5, atol=1e-6)
+    for case, old in zip(cases, before):
+        assert not torch.equal(case["weight"], old)
+    assert torch.equal(bufs["weight"][n + 1:], guard)
+    kept = ragged["weight"].view(-1)[active[:2].to(device)].cpu()
+    assert torch.equal(kept.view(torch.int32), torch.tensor([-0.0, float("nan")]).view(torch.int32))
+    unselected = active[2:].to(device)
+    assert torch.equal(ragged["weight"].view(-1)[unselected], before[2].view(-1)[unselected])
+
+
 def test_grouped_kernel_refuses_a_short_state_and_writes_nothing():
     gen = torch.Generator().manual_seed(5)
     good = _compact_case(gen, 100)
@@ -122,6 +203,12 @@ def test_grouped_kernel_refuses_a_short_state_and_writes_nothing():
     with pytest.raises(ValueError, match=r"items\[1\]\.exp_avg"):
         triton_adamw.grouped_adamw_triton_(items, **HYPER, maximize=False)
     assert torch.equal(good["weight"], before[0]) and torch.equal(bad["weight"], before[1])
+    # the same weight twice with the same kind: its tiles would be written by two programs at once
+    twice = [items[0], (triton_adamw.KIND_COMPACT, good["weight"], good["grad"].clone(), good["m"].clone(),
+                        good["v"].clone(), 1, None, 100)]
+    with pytest.raises(ValueError, match=r"items\[1\]\.holder.*pass each weight once"):
+        triton_adamw.grouped_adamw_triton_(twice, **HYPER, maximize=False)
+    assert torch.equal(good["weight"], before[0])
 
 
 def _mixed_model(seed, device="cpu"):

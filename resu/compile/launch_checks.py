@@ -89,9 +89,16 @@ def check_launch_adamw_bitmap(
 def check_launch_grouped_adamw(items) -> None:
     """Before ``triton_adamw.grouped_adamw_triton_``: per weight, fp32 contiguous tensors on one device,
     states of ``n_selected`` entries, a gradient of ``n_selected`` (compact) or ``numel`` (``GRAD_DENSE``)
-    values, and for a bitmap kind the mask bytes of ``numel`` slots. The kernel reads raw fp32 pointers."""
+    values, and for a bitmap kind the mask bytes of ``numel`` slots; no weight twice with the same kind (the
+    kernel writes whole tiles of a weight). The kernel reads raw fp32 pointers."""
     launcher = "grouped_adamw"
     device = items[0][1].device if items else None
+    seen = {}
+    for i, item in enumerate(items):
+        first = seen.setdefault((item[1].data_ptr(), item[0] & 3), i)
+        if first != i and item[1].numel():
+            raise ValueError(f"{launcher}: `items[{i}].holder` is the weight of items[{first}], with the same kind; "
+                             "a launch steps each weight's slots once (it writes whole tiles): pass each weight once")
     for i, (kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected) in enumerate(items):
         numel = holder.numel()
         _need(launcher, f"items[{i}].holder", holder, dtype=torch.float32, device=device)

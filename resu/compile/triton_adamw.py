@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
-from resu.compile.triton_bitmap import NUM_WARPS as BITMAP_NUM_WARPS
-from resu.compile.triton_bitmap import cached_block_offsets, program_table, table_block_slots, tile_ranks
+from resu.compile.triton_bitmap import cached_block_offsets, program_table, tile_ranks, tile_ranks_at
 from resu.compile.launch_checks import (
     check_launch_adamw_bitmap,
     check_launch_bitmap_key_adamw,
@@ -33,6 +32,10 @@ from resu.compile.launch_checks import (
 )
 
 BLOCK = 1024
+# Warps per program of the bitmap and grouped kernels (16 slots per thread at 1024 slots a program).
+# Measured on an H200, one 11008×4096 weight at s = 0.5: the bitmap kernel 0.344 ms at 2 warps, 0.262
+# at 4, 0.282 at 8; the compact θ path 0.215, 0.191, 0.177 (benchmarks/gpu_optim.py's rows).
+NUM_WARPS = 4
 
 # How the compact kernel picks its slots.
 SELECT_ALL, SELECT_MASK, SELECT_KEY = 0, 1, 2
@@ -50,19 +53,80 @@ def adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2
 
 
 @triton.jit
+def _load_f32(ptr, mask):
+    """``ptr`` as fp32, where ``mask`` (None: everywhere; a load with no mask can use vector loads)."""
+    if mask is None:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return tl.load(ptr, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
 def _step_slots(
     w_ptr, w_offs, g_ptr, g_offs, m_ptr, v_ptr, s_offs, sel,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr,
 ):
-    """Load, step and store the ``sel`` slots: weight at ``w_offs``, gradient at ``g_offs``, states at ``s_offs``."""
-    w = tl.load(w_ptr + w_offs, mask=sel, other=0).to(tl.float32)
-    g = tl.load(g_ptr + g_offs, mask=sel, other=0).to(tl.float32)
+    """Load, step and store the ``sel`` slots (None: every slot): weight at ``w_offs``, gradient at
+    ``g_offs``, states at ``s_offs``."""
+    w = _load_f32(w_ptr + w_offs, sel)
+    g = _load_f32(g_ptr + g_offs, sel)
     if MAXIMIZE:
         g = -g
-    m = tl.load(m_ptr + s_offs, mask=sel, other=0).to(tl.float32)
-    v = tl.load(v_ptr + s_offs, mask=sel, other=0).to(tl.float32)
+    m = _load_f32(m_ptr + s_offs, sel)
+    v = _load_f32(v_ptr + s_offs, sel)
     w, m, v = adamw_math(w, g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
     tl.store(w_ptr + w_offs, w.to(w_ptr.dtype.element_ty), mask=sel)
+    tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
+    tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
+
+
+@triton.jit
+def _step_compact_block(
+    w_ptr, g_ptr, m_ptr, v_ptr, start, numel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Every slot of ``[start, start + BLOCK)`` of a compact vector (and of its gradient and states).
+
+    A whole block is loaded without a mask, so the compiler can use vector loads and stores (a mask that
+    may change inside a vector forbids them); only the last, partial block of a vector is masked."""
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= numel:
+        _step_slots(w_ptr, offs, g_ptr, offs, m_ptr, v_ptr, offs, None,
+                    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+    else:
+        _step_slots(w_ptr, offs, g_ptr, offs, m_ptr, v_ptr, offs, offs < numel,
+                    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+
+
+@triton.jit
+def _step_weight_tile(
+    w_ptr, offs, in_bounds, g_ptr, g_offs, m_ptr, v_ptr, s_offs, sel,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE: tl.constexpr, WHOLE_TILE: tl.constexpr,
+):
+    """Step the ``sel`` slots of one tile of a dense weight (states and gradient at their own offsets).
+
+    With ``WHOLE_TILE`` the weight is read and written over the whole tile (``in_bounds``: None for a
+    full tile), the unselected slots written back with the bits they were read with: a mask bit per
+    slot would forbid vector loads and stores, and at any sparsity nearly every 32-byte sector holds a
+    selected slot, so the memory traffic is the same. Only for a weight no other program of the launch
+    writes (the caller's guarantee)."""
+    if WHOLE_TILE:
+        if in_bounds is None:
+            w_old = tl.load(w_ptr + offs)
+        else:
+            w_old = tl.load(w_ptr + offs, mask=in_bounds, other=0)
+    else:
+        w_old = tl.load(w_ptr + offs, mask=sel, other=0)
+    g = _load_f32(g_ptr + g_offs, sel)
+    if MAXIMIZE:
+        g = -g
+    m = _load_f32(m_ptr + s_offs, sel)
+    v = _load_f32(v_ptr + s_offs, sel)
+    w, m, v = adamw_math(w_old.to(tl.float32), g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+    if WHOLE_TILE:
+        tl.store(w_ptr + offs, tl.where(sel, w.to(w_ptr.dtype.element_ty), w_old), mask=in_bounds)
+    else:
+        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=sel)
     tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
     tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
 
@@ -152,8 +216,13 @@ def _bitmap_kernel(
         g_offs = rank
     else:
         g_offs = offs
-    _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+    # One weight per launch: no other program writes this tile, so it is read and written whole.
+    if (tl.program_id(0) + 1) * BLOCK <= numel:
+        _step_weight_tile(w_ptr, offs, None, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+    else:
+        _step_weight_tile(w_ptr, offs, offs < numel, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
 
 
 def bitmap_adamw_triton_(
@@ -182,7 +251,7 @@ def bitmap_adamw_triton_(
     _bitmap_kernel[(offsets.numel(),)](
         weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, keys, threshold, storage, offsets, numel,
         decay, beta1, beta2, eps, step_size, bc2,
-        select_pruned, grad.numel() != numel, by_key, maximize, BITMAP_BLOCK, num_warps=BITMAP_NUM_WARPS,
+        select_pruned, grad.numel() != numel, by_key, maximize, BITMAP_BLOCK, num_warps=NUM_WARPS,
     )
 
 
@@ -196,30 +265,59 @@ KIND_COMPACT, KIND_BITMAP_PRUNED, KIND_BITMAP_ACTIVE, GRAD_DENSE = 0, 1, 2, 4
 
 
 @triton.jit
+def _table_pointer(row, column, ALIGNED: tl.constexpr):
+    """Column ``column`` of a table row as an fp32 pointer; ``ALIGNED``: the host checked that every
+    pointer of the table is 16-byte aligned, which the compiler needs to know to use vector accesses."""
+    ptr = tl.load(row + column).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _grouped_kernel(
     table_ptr, scalars_ptr, prog_item_ptr, prog_block_ptr,
-    decay, beta1, beta2, eps, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr, ROW: tl.constexpr,
+    decay, beta1, beta2, eps, KIND: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, ROW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     item = tl.load(prog_item_ptr + pid)
     blk = tl.load(prog_block_ptr + pid)
     row = table_ptr + item.to(tl.int64) * ROW
-    w_ptr = tl.load(row + 0).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    w_ptr = _table_pointer(row, 0, ALIGNED)
+    g_ptr = _table_pointer(row, 1, ALIGNED)
+    m_ptr = _table_pointer(row, 2, ALIGNED)
+    v_ptr = _table_pointer(row, 3, ALIGNED)
     numel = tl.load(row + 6)
-    kind = tl.load(row + 7)
     step_size = tl.load(scalars_ptr + item * 2)
     bias_correction2_sqrt = tl.load(scalars_ptr + item * 2 + 1)
-    # kind & 3: a compact vector (slot i is element i), or the pruned / active slots of a bitmap.
-    offs, sel, rank = table_block_slots(row, numel, kind & 3, blk, BLOCK)
-    if (kind & 4) != 0:
-        g_offs = offs
+    # The kind is a compile-time constant (one launch per kind present): a kernel holding every kind's
+    # code runs at the register use of the largest, and offsets that flow out of a run-time branch lose
+    # what the compiler knows of their contiguity, and with it the vector accesses.
+    if (KIND & 3) == 0:  # KIND_COMPACT
+        _step_compact_block(w_ptr, g_ptr, m_ptr, v_ptr, blk * BLOCK, numel,
+                            decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, BLOCK)
     else:
-        g_offs = rank
-    _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
+        offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, (KIND & 3) == 1, BLOCK)
+        if (KIND & 4) != 0:  # GRAD_DENSE
+            g_offs = offs
+        else:
+            g_offs = rank
+        # Tiles written whole: a launch steps each weight once (checked before launch).
+        if (blk + 1) * BLOCK <= numel:
+            _step_weight_tile(w_ptr, offs, None, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+        else:
+            _step_weight_tile(w_ptr, offs, offs < numel, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
+                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+
+
+def pointers_aligned(items) -> bool:
+    """Whether every weight, gradient and state pointer of ``items`` is 16-byte aligned: the compiler
+    can then use vector accesses, which a pointer read from the kernel's table cannot show it."""
+    return all(t.data_ptr() % 16 == 0 for item in items for t in item[1:5])
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -231,27 +329,35 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def grouped_adamw_triton_(items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
-    """One AdamW step on every trainable slot of several fp32 weights in one launch.
+    """One AdamW step on every trainable slot of several fp32 weights: one launch per kind present.
 
     ``items``: (kind, holder, grad, exp_avg, exp_avg_sq, step, storage, n_selected) per weight; ``kind``
     is ``KIND_COMPACT`` (``holder`` is a compact vector, ``storage`` None) or ``KIND_BITMAP_PRUNED`` /
     ``KIND_BITMAP_ACTIVE`` (the slots of the dense ``holder`` that the bitmap ``storage`` selects), plus
-    ``GRAD_DENSE`` when ``grad`` is weight-shaped. Each weight keeps its own ``step`` (bias correction);
+    ``GRAD_DENSE`` when ``grad`` is weight-shaped; a weight appears once per kind. Each weight keeps its own ``step`` (bias correction);
     the math and the scalars are those of the per-parameter kernels. The results are theirs bitwise under
     the interpreter; compiled for a GPU, the compiler may contract multiply-adds into FMAs differently in
     the two kernels, so they can differ by rounding (measured: up to ~30 ulp of a weight on an H200).
     """
     check_launch_grouped_adamw(items)
-    decay = 1 - lr * weight_decay
+    by_kind: dict[int, list] = {}
+    for item in items:
+        if item[1].numel() and item[3].numel():
+            by_kind.setdefault(item[0], []).append(item)
+    for kind, same_kind in by_kind.items():
+        _grouped_launch(kind, same_kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+
+
+def _grouped_launch(kind, items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+    """One launch of the grouped kernel over ``items``, all of ``kind``."""
     table, scalars, blocks = [], [], []
-    for kind, holder, grad, exp_avg, exp_avg_sq, step, storage, _n in items:
+    for _kind, holder, grad, exp_avg, exp_avg_sq, step, storage, _n in items:
         numel = holder.numel()
-        if numel == 0 or exp_avg.numel() == 0:
-            continue
         _, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
         if kind & 3 == KIND_COMPACT:
             bits = offsets = holder.data_ptr()  # unread
-            n_blocks = triton.cdiv(numel, BLOCK)
+            n_blocks = triton.cdiv(numel, BITMAP_BLOCK)
         else:
             off = cached_block_offsets(storage, numel, kind & 3 == KIND_BITMAP_PRUNED)
             bits, offsets, n_blocks = storage.data_ptr(), off.data_ptr(), off.numel()
@@ -259,11 +365,10 @@ def grouped_adamw_triton_(items, *, lr, beta1, beta2, eps, weight_decay, maximiz
                   numel, kind]
         scalars += [step_size, bc2]
         blocks.append(n_blocks)
-    if not blocks:
-        return
     device = items[0][1].device
     prog_item, prog_block = program_table(device, tuple(blocks))
     _grouped_kernel[(prog_item.numel(),)](
         _to_device(table, torch.int64, device), _to_device(scalars, torch.float32, device), prog_item, prog_block,
-        decay, beta1, beta2, eps, maximize, BITMAP_BLOCK, _ROW, num_warps=BITMAP_NUM_WARPS,
+        1 - lr * weight_decay, beta1, beta2, eps, kind, maximize, pointers_aligned(items), BITMAP_BLOCK, _ROW,
+        num_warps=NUM_WARPS,
     )
