@@ -118,7 +118,7 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
     pointers change the compiled variant, never the result. Unselected slots holding -0.0 and a NaN keep their bits, and nothing past a
     compact vector's end is written."""
     gen = torch.Generator().manual_seed(seed)
-    n = 4095  # three whole blocks and a partial one of 1023 slots
+    n = 12287  # eleven whole blocks and a partial one of 1023 slots: two programs, the second one short
     bufs = {key: torch.randn(n + 3, generator=gen) for key in ("weight", "grad", "m", "v")}
     bufs["v"].abs_()
     compact = {key: buf[1:n + 1] for key, buf in bufs.items()}  # one element in: not 16-byte aligned
