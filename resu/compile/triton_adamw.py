@@ -293,20 +293,23 @@ def _grouped_kernel(
     m_ptr = _table_pointer(row, 2, ALIGNED)
     v_ptr = _table_pointer(row, 3, ALIGNED)
     numel = tl.load(row + 6)
+    bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))  # a bitmap kind's mask and block offsets
+    offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
     step_size = tl.load(scalars_ptr + item * 2)
     bias_correction2_sqrt = tl.load(scalars_ptr + item * 2 + 1)
     # The reads above are a chain of dependent loads before any slot can be read; a program steps
-    # several blocks so that the chain is paid once for them.
+    # several blocks so that the chain is paid once for them. (Read here, not per block: after a
+    # block's stores the compiler must assume the table changed and read it again.)
     for j in tl.static_range(BLOCKS_PER_PROGRAM):
         blk = first + j
         if blk * BLOCK < numel:
-            _grouped_block(w_ptr, g_ptr, m_ptr, v_ptr, row, numel, blk,
+            _grouped_block(w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel, blk,
                            decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, KIND, MAXIMIZE, BLOCK)
 
 
 @triton.jit
 def _grouped_block(
-    w_ptr, g_ptr, m_ptr, v_ptr, row, numel, blk,
+    w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel, blk,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
     KIND: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -318,8 +321,6 @@ def _grouped_block(
         _step_compact_block(w_ptr, g_ptr, m_ptr, v_ptr, blk * BLOCK, numel,
                             decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, BLOCK)
     else:
-        bits_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
-        offsets_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int32))
         offs, sel, rank = tile_ranks_at(bits_ptr, offsets_ptr, numel, blk, (KIND & 3) == 1, BLOCK)
         if (KIND & 4) != 0:  # GRAD_DENSE
             g_offs = offs
