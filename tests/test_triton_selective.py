@@ -70,6 +70,24 @@ def test_consistency_pass_matches_reference(device, n, maximize, state_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_consistency_pass_reads_the_keys_it_is_given(device):
+    """A row shard's keys carry the slot's index in the whole weight (its shard offset subtracted): the
+    pass must keep exactly those keys, as the reference does, not keys rebuilt from the local index."""
+    n, offset = 1500, 10_000
+    g = torch.full((n,), 0.5, device=device)  # every magnitude tied: the index alone orders the keys
+    m, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
+    keys = selection_keys_reference(g) - offset
+    screen = keys[n // 3].clone()  # a threshold only the shifted keys place correctly
+    cfg = dict(beta=0.9, delta=1e-8, tau=0.3, maximize=False)
+    ref = [t.clone() for t in (m, v, keys)]
+    _, count_ref = consistency_pass_reference_(g, *ref, screen, **cfg)
+    got = [t.clone() for t in (m, v, keys)]
+    _, count = ts.consistency_pass_triton_(g, *got, screen, **cfg)
+    assert int(count_ref) == n // 3 + 1
+    assert torch.equal(got[2], ref[2]) and int(count) == int(count_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["all", "mask", "key"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_compact_adamw_kernel_matches_reference(device, mode, maximize):

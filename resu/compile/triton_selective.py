@@ -81,7 +81,10 @@ def _consistency_kernel(
     beta, one_minus_beta, delta, tau, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs, inb, c, key = _ema_pass(g_ptr, m_ptr, v_ptr, n, pid, beta, one_minus_beta, delta, MAXIMIZE, BLOCK)
+    offs, inb, c, _ = _ema_pass(g_ptr, m_ptr, v_ptr, n, pid, beta, one_minus_beta, delta, MAXIMIZE, BLOCK)
+    # The keys are read, not recomputed from the gradient: a row shard's keys carry the slot's index in
+    # the whole weight (resu.optim.consistency._shard_selection), which the gradient alone does not know.
+    key = tl.load(key_ptr + offs, mask=inb, other=-1)
     eligible = (c > tau) & (key >= tl.load(screen_ptr)) & inb
     tl.store(key_ptr + offs, tl.where(eligible, key, -1), mask=inb)
     tl.store(part_c_ptr + pid, tl.sum(tl.where(inb, c, 0.0), axis=0))
