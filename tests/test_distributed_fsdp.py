@@ -268,7 +268,10 @@ def _check_shard_selection_with_ties(rank: int, world: int) -> None:
                                                                   config, False, shard=shard)
             assert torch.equal((my_keys >= my_thr).cpu(), want), (counts, rank)
             assert int(n_sel) == int(want.sum())
-            assert torch.equal(mine[0].cpu(), whole[0][start:start + counts[rank]])
+            if mine[0].is_cuda:  # the kernel may contract multiply-adds into FMAs: an ulp from the CPU
+                torch.testing.assert_close(mine[0].cpu(), whole[0][start:start + counts[rank]], rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(mine[0], whole[0][start:start + counts[rank]])
         assert HostReads.count == 0, f"{HostReads.count} host reads of device data in the sharded selection"
 
 
