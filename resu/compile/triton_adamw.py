@@ -6,7 +6,7 @@
 - :func:`bitmap_adamw_triton_`: the pruned (or active) slots of a dense weight under a bitmap mask,
   every one or those whose key is ≥ a threshold, found with :func:`resu.compile.triton_bitmap.tile_ranks`
   (no index tensor); states and keys compact, the gradient compact or weight-shaped.
-- :func:`grouped_adamw_triton_`: every slot of many fp32 weights in one launch, each a compact vector
+- :func:`grouped_adamw_triton_`: every slot of many fp32 weights, one launch per kind, each a compact vector
   or the bitmap-selected slots of a dense weight (the per-parameter kernels above, one program table).
 
 The math follows :func:`resu.compile.adamw_math.adamw_update_` (``torch.optim.AdamW``) operation by
@@ -259,10 +259,10 @@ def bitmap_adamw_triton_(
     )
 
 
-# ------------------------------------------------------------------ many weights, one launch
+# ------------------------------------------------------------------ many weights, one launch per kind
 # The grouped kernel's int64 table: one row per weight, pointers to its weight (or θ), gradient, exp_avg,
 # exp_avg_sq, mask bytes and block offsets (the weight's, unread for a compact vector), then its element
-# count and kind. A program reads its weight's row, then steps one block of it.
+# count and kind. A program reads its weight's row, then steps BLOCKS_PER_PROGRAM blocks of it.
 _ROW = 8
 # Kinds: where a weight's slots live (low bits), and whether its gradient is weight-shaped (GRAD_DENSE).
 KIND_COMPACT, KIND_BITMAP_PRUNED, KIND_BITMAP_ACTIVE, GRAD_DENSE = 0, 1, 2, 4

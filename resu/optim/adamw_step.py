@@ -15,7 +15,7 @@ selection, whose states have k entries (state i belongs to slot ``index[i]``).
 the reference runs. The reference gathers the updated slots, applies
 :func:`resu.compile.adamw_math.adamw_update_` (the math of ``torch.optim.AdamW``) and scatters back;
 every Triton kernel is tested against it. :func:`adamw_steps_` steps every slot of many targets at
-once (one multi-tensor launch on CUDA), with the per-target results.
+once (one multi-tensor launch per kind of target on CUDA), with the per-target results.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def adamw_steps_(jobs: list[StepJob], **hyper) -> None:
     under Triton's interpreter; on CUDA rounding can differ where the compiler fuses multiply-adds).
 
     The jobs the multi-tensor kernel (:func:`resu.compile.triton_adamw.grouped_adamw_triton_`) can take
-    (fp32 CUDA tensors; compact targets, or bitmap-masked slots) are stepped in one launch, the others
+    (fp32 CUDA tensors; compact targets, or bitmap-masked slots) are stepped by one launch per kind of
+    target (compact, pruned or active slots), the others
     one by one. Every job is checked before anything is written."""
     for job in jobs:
         _check(job.target, job.grad, job.exp_avg, job.exp_avg_sq, ALL)

@@ -44,8 +44,8 @@ class ResuAdamW(torch.optim.Optimizer):
     storage (no new allocation when the new set is not larger, e.g. SPARSE → RESU at sparsity ≤ 0.5).
 
     ``foreach``: by default (None or True) the weights of a param group whose every trainable slot
-    steps are stepped together, in one multi-tensor launch on CUDA; ``foreach=False`` steps them one
-    at a time (the same numbers bitwise on CPU; on CUDA the two compiled kernels round differently
+    steps are stepped together, in one multi-tensor launch per kind of slots on CUDA; ``foreach=False``
+    steps them one at a time (the same numbers bitwise on CPU; on CUDA the two compiled kernels round differently
     where the compiler fuses multiply-adds, as torch.optim's foreach and for-loop paths may).
     On CUDA, plain parameters (not ResuParameters) of such a group are stepped by torch's own
     multi-tensor AdamW, as ``torch.optim.AdamW(foreach=True)`` would step them; elsewhere, and with
@@ -258,7 +258,7 @@ class ResuAdamW(torch.optim.Optimizer):
                 maximize=group["maximize"],
             )
             # Weights whose every trainable slot steps (RESU/QRESU θ, SPARSE active slots) are collected
-            # and stepped together (one launch on CUDA) unless ``foreach=False`` asks for one at a time;
+            # and stepped together (one launch per kind on CUDA) unless ``foreach=False`` asks for one at a time;
             # the results are the same either way.
             jobs: Optional[list[StepJob]] = None if group["foreach"] is False or group["amsgrad"] else []
             # Plain CUDA parameters (embeddings, norms, heads) take torch's multi-tensor AdamW under the same
