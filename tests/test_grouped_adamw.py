@@ -1,4 +1,4 @@
-"""The grouped AdamW step (many weights, one launch) gives the per-weight results.
+"""The grouped AdamW step (many weights, one launch per kind) gives the per-weight results.
 
 Bitwise under Triton's interpreter (CPU). On CUDA the two kernels run the same operations, but the
 compiler contracts multiply-adds into FMAs differently in each, so results differ by rounding (up to
@@ -121,8 +121,10 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
     n = 12287  # eleven whole blocks and a partial one of 1023 slots: two programs, the second one short
     bufs = {key: torch.randn(n + 3, generator=gen) for key in ("weight", "grad", "m", "v")}
     bufs["v"].abs_()
-    compact = {key: buf[1:n + 1] for key, buf in bufs.items()}  # one element in: not 16-byte aligned
-    exact = _bitmap_case(gen, (64, 64), 0.5, True, False)  # whole blocks only
+    exact = _bitmap_case(gen, (64, 64), 0.5, True, False)  # whole blocks only, inside a guarded buffer
+    exact_buf = torch.randn(8 + 64 * 64 + 1024, generator=gen)
+    exact_buf[8:8 + 64 * 64] = exact["weight"].reshape(-1)
+    sparse = _bitmap_case(gen, (30, 70), 0.9, False, False)  # 10% of the slots: accessed slot by slot
     ragged = _bitmap_case(gen, (37, 61), 0.7, True, True)
     pruned = mask_ops.pruned_bool(ragged["storage"], mask_ops.MaskEncoding.BITMAP, 37 * 61, ragged["k"])
     active = (~pruned).nonzero().reshape(-1)
@@ -132,13 +134,15 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
     both_active = dict(m=torch.randn(n_active, generator=gen), v=torch.rand(n_active, generator=gen),
                        grad=torch.randn(n_active, generator=gen))
     bufs = {k: v.to(device) for k, v in bufs.items()}
-    compact = {key: buf[1:n + 1] for key, buf in bufs.items()}
-    exact, ragged, both = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
-                           for c in (exact, ragged, both))
+    compact = {key: buf[1:n + 1] for key, buf in bufs.items()}  # one element in: not 16-byte aligned
+    exact, ragged, both, sparse = ({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+                                   for c in (exact, ragged, both, sparse))
+    exact_buf = exact_buf.to(device)
+    exact["weight"] = exact_buf[8:8 + 64 * 64].view(64, 64)
     both_active = {k: v.to(device) for k, v in both_active.items()}
-    cases = [compact, exact, ragged, both]
+    cases = [compact, exact, ragged, both, sparse]
     before = [c["weight"].clone() for c in cases]
-    guard = bufs["weight"][n + 1:].clone()
+    guards = [bufs["weight"][n + 1:].clone(), exact_buf[8 + 64 * 64:].clone()]
 
     def reference(case, select_pruned, grad, m, v, step, weight=None):
         if "storage" in case:
@@ -152,7 +156,8 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
 
     expect = {"compact": reference(compact, True, compact["grad"], compact["m"], compact["v"], 2),
               "exact": reference(exact, True, exact["grad"], exact["m"], exact["v"], 5),
-              "ragged": reference(ragged, True, ragged["grad"], ragged["m"], ragged["v"], 1)}
+              "ragged": reference(ragged, True, ragged["grad"], ragged["m"], ragged["v"], 1),
+              "sparse": reference(sparse, False, sparse["grad"], sparse["m"], sparse["v"], 6)}
     both_pruned = reference(both, True, both["grad"], both["m"], both["v"], 3)
     both_weight, both_m, _ = reference(both, False, both_active["grad"], both_active["m"], both_active["v"], 4,
                                        weight=both_pruned[0])  # then the same weight's active slots
@@ -164,7 +169,10 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
          exact["n_sel"]),
         (K.KIND_BITMAP_PRUNED | K.GRAD_DENSE, ragged["weight"], ragged["grad"].reshape(-1), ragged["m"], ragged["v"],
          1, ragged["storage"], ragged["n_sel"]),
+        (K.KIND_BITMAP_ACTIVE, sparse["weight"], sparse["grad"], sparse["m"], sparse["v"], 6, sparse["storage"],
+         sparse["n_sel"]),
     ]
+    assert K.whole_tiles_pay(exact["n_sel"], 64 * 64) and not K.whole_tiles_pay(sparse["n_sel"], 30 * 70)
     twice = [
         (K.KIND_BITMAP_PRUNED, both["weight"], both["grad"], both["m"], both["v"], 3, both["storage"], both["n_sel"]),
         (K.KIND_BITMAP_ACTIVE, both["weight"], both_active["grad"], both_active["m"], both_active["v"], 4,
@@ -174,7 +182,7 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
     K.grouped_adamw_triton_(whole, **HYPER, maximize=False)
     K.grouped_adamw_triton_(twice, **HYPER, maximize=False)
 
-    for name, case in (("compact", compact), ("exact", exact), ("ragged", ragged)):
+    for name, case in (("compact", compact), ("exact", exact), ("ragged", ragged), ("sparse", sparse)):
         want_w, want_m, want_v = expect[name]
         torch.testing.assert_close(case["weight"], want_w.view_as(case["weight"]), rtol=1e-5, atol=1e-6, equal_nan=True)
         torch.testing.assert_close(case["m"], want_m, rtol=1e-5, atol=1e-6)
@@ -183,7 +191,7 @@ def test_grouped_kernel_matches_the_reference_on_whole_and_partial_blocks(device
     torch.testing.assert_close(both_active["m"], both_m, rtol=1e-5, atol=1e-6)
     for case, old in zip(cases, before):
         assert not torch.equal(case["weight"], old)
-    assert torch.equal(bufs["weight"][n + 1:], guard)
+    assert torch.equal(bufs["weight"][n + 1:], guards[0]) and torch.equal(exact_buf[8 + 64 * 64:], guards[1])
     kept = ragged["weight"].view(-1)[active[:2].to(device)].cpu()
     assert torch.equal(kept.view(torch.int32), torch.tensor([-0.0, float("nan")]).view(torch.int32))
     unselected = active[2:].to(device)
@@ -203,7 +211,7 @@ def test_grouped_kernel_refuses_a_short_state_and_writes_nothing():
     with pytest.raises(ValueError, match=r"items\[1\]\.exp_avg"):
         triton_adamw.grouped_adamw_triton_(items, **HYPER, maximize=False)
     assert torch.equal(good["weight"], before[0]) and torch.equal(bad["weight"], before[1])
-    # the same weight twice with the same kind: its tiles would be written by two programs at once
+    # the same weight twice with the same kind in one call: two programs would write its tiles
     twice = [items[0], (triton_adamw.KIND_COMPACT, good["weight"], good["grad"].clone(), good["m"].clone(),
                         good["v"].clone(), 1, None, 100)]
     with pytest.raises(ValueError, match=r"items\[1\]\.holder.*pass each weight once"):
@@ -260,5 +268,32 @@ def test_resu_adamw_grouped_equals_one_at_a_time(monkeypatch, device, force_kern
         _assert_same(a.reshape(-1), b.reshape(-1), "weight")
         for key in ("exp_avg", "exp_avg_sq", "step"):
             _assert_same(opts[0].state[p][key], opts[1].state[q][key], key)
-    # with the kernels on, the bitmap RESU weight, the QRESU θ and the SPARSE weight share one launch a step
+    # with the kernels on, the bitmap RESU weight, the QRESU θ and the SPARSE weight share one grouped call a step
     assert launched == ([3, 3, 3] if force_kernels else [])
+
+
+def test_a_parameter_listed_twice_is_stepped_twice_as_one_at_a_time(monkeypatch):
+    """torch.optim only warns about a parameter listed twice in a group; the grouped path then steps it
+    twice, after the launch and in list order, as ``foreach=False`` does (a launch may step a weight's
+    slots only once)."""
+    if torch.cuda.is_available():
+        pytest.skip("Triton's interpreter runs the kernels on CPU tensors only on CPU-only machines")
+    monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
+    models = [_mixed_model(3) for _ in range(2)]
+    opts = []
+    for model, foreach in zip(models, (None, False)):
+        params = list(model.parameters())
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opts.append(resu.ResuAdamW(params + params[:6], lr=1e-2, weight_decay=0.1, foreach=foreach))
+    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):
+        for model, opt in zip(models, opts):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        a = p._theta if isinstance(p, resu.ResuParameter) and p._theta is not None else p.detach()
+        b = q._theta if isinstance(q, resu.ResuParameter) and q._theta is not None else q.detach()
+        assert torch.equal(a, b)
+        assert torch.equal(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"])
+    assert int(opts[0].state[models[0][0].weight]["step"]) == 4  # listed twice, two steps

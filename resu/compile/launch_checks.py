@@ -95,7 +95,7 @@ def check_launch_grouped_adamw(items) -> None:
     device = items[0][1].device if items else None
     seen = {}
     for i, item in enumerate(items):
-        first = seen.setdefault((item[1].data_ptr(), item[0] & 3), i)
+        first = seen.setdefault((item[1].data_ptr(), item[0]), i)
         if first != i and item[1].numel():
             raise ValueError(f"{launcher}: `items[{i}].holder` is the weight of items[{first}], with the same kind; "
                              "a launch steps each weight's slots once (it writes whole tiles): pass each weight once")

@@ -32,7 +32,7 @@ from resu.compile.launch_checks import (
 )
 
 BLOCK = 1024
-# Warps per program of the bitmap and grouped kernels (16 slots per thread at 1024 slots a program).
+# Warps per program of the bitmap and grouped kernels (8 slots per thread at 1024 slots a program).
 # Measured on an H200, one 11008×4096 weight at s = 0.5: the bitmap kernel 0.344 ms at 2 warps, 0.262
 # at 4, 0.282 at 8; the compact θ path 0.215, 0.191, 0.177 (benchmarks/gpu_optim.py's rows).
 NUM_WARPS = 4
@@ -94,7 +94,7 @@ def _step_compact_block(
     A whole block is loaded without a mask, so the compiler can use vector loads and stores (a mask that
     may change inside a vector forbids them); only the last, partial block of a vector is masked."""
     offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= numel:
+    if start <= numel - BLOCK:  # (not start + BLOCK: it can pass 2^31 and wrap)
         _step_slots(w_ptr, offs, g_ptr, offs, m_ptr, v_ptr, offs, None,
                     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
     else:
@@ -111,9 +111,9 @@ def _step_weight_tile(
 
     With ``WHOLE_TILE`` the weight is read and written over the whole tile (``in_bounds``: None for a
     full tile), the unselected slots written back with the bits they were read with: a mask bit per
-    slot would forbid vector loads and stores, and at any sparsity nearly every 32-byte sector holds a
-    selected slot, so the memory traffic is the same. Only for a weight no other program of the launch
-    writes (the caller's guarantee)."""
+    slot would forbid vector loads and stores. Chosen by :func:`whole_tiles_pay` (when enough slots are
+    selected that nearly every 32-byte sector holds one, the traffic is about the same), and only for
+    a weight no other program of the launch writes (the caller's guarantee)."""
     if WHOLE_TILE:
         if in_bounds is None:
             w_old = tl.load(w_ptr + offs)
@@ -211,7 +211,7 @@ def _bitmap_kernel(
     w_ptr, g_ptr, m_ptr, v_ptr, key_ptr, thr_ptr, bits_ptr, offsets_ptr, numel,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
     SELECT_PRUNED: tl.constexpr, GRAD_COMPACT: tl.constexpr, BY_KEY: tl.constexpr,
-    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, WHOLE_TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, sel, rank = tile_ranks(bits_ptr, offsets_ptr, numel, SELECT_PRUNED, BLOCK)  # rank: compact index
     if BY_KEY:
@@ -220,13 +220,13 @@ def _bitmap_kernel(
         g_offs = rank
     else:
         g_offs = offs
-    # One weight per launch: no other program writes this tile, so it is read and written whole.
-    if (tl.program_id(0) + 1) * BLOCK <= numel:
+    # One weight per launch: no other program writes this tile, so it may be read and written whole.
+    if tl.program_id(0) * BLOCK <= numel - BLOCK:
         _step_weight_tile(w_ptr, offs, None, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, WHOLE_TILE)
     else:
         _step_weight_tile(w_ptr, offs, offs < numel, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+                          decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, WHOLE_TILE)
 
 
 def bitmap_adamw_triton_(
@@ -255,14 +255,16 @@ def bitmap_adamw_triton_(
     _bitmap_kernel[(offsets.numel(),)](
         weight.view(-1), grad.reshape(-1), exp_avg, exp_avg_sq, keys, threshold, storage, offsets, numel,
         decay, beta1, beta2, eps, step_size, bc2,
-        select_pruned, grad.numel() != numel, by_key, maximize, BITMAP_BLOCK, num_warps=NUM_WARPS,
+        select_pruned, grad.numel() != numel, by_key, maximize, not by_key and whole_tiles_pay(n_selected, numel),
+        BITMAP_BLOCK, num_warps=NUM_WARPS,
     )
 
 
 # ------------------------------------------------------------------ many weights, one launch per kind
 # The grouped kernel's int64 table: one row per weight, pointers to its weight (or θ), gradient, exp_avg,
 # exp_avg_sq, mask bytes and block offsets (the weight's, unread for a compact vector), then its element
-# count and kind. A program reads its weight's row, then steps BLOCKS_PER_PROGRAM blocks of it.
+# count and kind (unread: a launch's kind is a compile-time constant). A program reads its weight's row,
+# then steps BLOCKS_PER_PROGRAM blocks of it.
 _ROW = 8
 # Kinds: where a weight's slots live (low bits), and whether its gradient is weight-shaped (GRAD_DENSE).
 KIND_COMPACT, KIND_BITMAP_PRUNED, KIND_BITMAP_ACTIVE, GRAD_DENSE = 0, 1, 2, 4
@@ -282,7 +284,7 @@ def _table_pointer(row, column, ALIGNED: tl.constexpr):
 def _grouped_kernel(
     table_ptr, scalars_ptr, prog_item_ptr, prog_block_ptr,
     decay, beta1, beta2, eps, KIND: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ROW: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, ROW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     item = tl.load(prog_item_ptr + pid)
@@ -302,16 +304,17 @@ def _grouped_kernel(
     # block's stores the compiler must assume the table changed and read it again.)
     for j in tl.static_range(BLOCKS_PER_PROGRAM):
         blk = first + j
-        if blk * BLOCK < numel:
+        if blk.to(tl.int64) * BLOCK < numel:  # int64: past the last block, blk * BLOCK may pass 2^31
             _grouped_block(w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel, blk,
-                           decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, KIND, MAXIMIZE, BLOCK)
+                           decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, KIND, MAXIMIZE,
+                           WHOLE_TILES, BLOCK)
 
 
 @triton.jit
 def _grouped_block(
     w_ptr, g_ptr, m_ptr, v_ptr, bits_ptr, offsets_ptr, numel, blk,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-    KIND: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    KIND: tl.constexpr, MAXIMIZE: tl.constexpr, WHOLE_TILES: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Block ``blk`` of one weight of the grouped kernel."""
     # The kind is a compile-time constant (one launch per kind present): a kernel holding every kind's
@@ -326,13 +329,13 @@ def _grouped_block(
             g_offs = offs
         else:
             g_offs = rank
-        # Tiles written whole: a launch steps each weight once (checked before launch).
-        if (blk + 1) * BLOCK <= numel:
+        # Tiles may be written whole: a launch steps each weight once (checked before launch).
+        if blk * BLOCK <= numel - BLOCK:
             _step_weight_tile(w_ptr, offs, None, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, WHOLE_TILES)
         else:
             _step_weight_tile(w_ptr, offs, offs < numel, g_ptr, g_offs, m_ptr, v_ptr, rank, sel,
-                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, True)
+                              decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE, WHOLE_TILES)
 
 
 def pointers_aligned(items) -> bool:
@@ -350,27 +353,41 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def grouped_adamw_triton_(items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
-    """One AdamW step on every trainable slot of several fp32 weights: one launch per kind present.
+    """One AdamW step on every trainable slot of several fp32 weights: one launch per kind present (and
+    per weight-access path, :func:`whole_tiles_pay`).
 
     ``items``: (kind, holder, grad, exp_avg, exp_avg_sq, step, storage, n_selected) per weight; ``kind``
     is ``KIND_COMPACT`` (``holder`` is a compact vector, ``storage`` None) or ``KIND_BITMAP_PRUNED`` /
     ``KIND_BITMAP_ACTIVE`` (the slots of the dense ``holder`` that the bitmap ``storage`` selects), plus
-    ``GRAD_DENSE`` when ``grad`` is weight-shaped; a weight appears once per kind. Each weight keeps its own ``step`` (bias correction);
-    the math and the scalars are those of the per-parameter kernels. The results are theirs bitwise under
-    the interpreter; compiled for a GPU, the compiler may contract multiply-adds into FMAs differently in
-    the two kernels, so they can differ by rounding (measured: up to ~30 ulp of a weight on an H200).
+    ``GRAD_DENSE`` when ``grad`` is weight-shaped; a weight appears at most once per kind. Each weight
+    keeps its own ``step`` (bias correction); the math and the scalars are those of the per-parameter
+    kernels. The results are theirs bitwise under the interpreter; compiled for a GPU, the compiler may
+    contract multiply-adds into FMAs differently in the two kernels, so they can differ by rounding
+    (measured: up to ~30 ulp of a weight on an H200).
     """
     check_launch_grouped_adamw(items)
-    by_kind: dict[int, list] = {}
+    launches: dict[tuple[int, bool], list] = {}
     for item in items:
-        if item[1].numel() and item[3].numel():
-            by_kind.setdefault(item[0], []).append(item)
-    for kind, same_kind in by_kind.items():
-        _grouped_launch(kind, same_kind, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        kind, holder, n_selected = item[0], item[1], item[7]
+        if holder.numel() and item[3].numel():
+            whole = kind & 3 != KIND_COMPACT and whole_tiles_pay(n_selected, holder.numel())
+            launches.setdefault((kind, whole), []).append(item)
+    for (kind, whole), same in launches.items():
+        _grouped_launch(kind, whole, same, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
 
 
-def _grouped_launch(kind, items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
+def whole_tiles_pay(n_selected: int, numel: int) -> bool:
+    """Whether the kernels read and write a bitmap-masked weight over whole tiles (vector accesses)
+    rather than at its selected slots only: when at least a quarter of the slots are selected. A
+    32-byte sector holds 8 fp32 slots; at a random quarter of them selected, 90% of sectors hold one, so
+    the whole tile costs at most about 10% more traffic than the masked accesses, and far less time;
+    at 2% (a SPARSE weight's active slots at s = 0.98) only 15% of sectors do, and whole tiles would
+    move six times the bytes."""
+    return 4 * n_selected >= numel
+
+
+def _grouped_launch(kind, whole_tiles, items, *, lr, beta1, beta2, eps, weight_decay, maximize) -> None:
     """One launch of the grouped kernel over ``items``, all of ``kind``."""
     table, scalars, blocks = [], [], []
     for _kind, holder, grad, exp_avg, exp_avg_sq, step, storage, _n in items:
@@ -390,7 +407,6 @@ def _grouped_launch(kind, items, *, lr, beta1, beta2, eps, weight_decay, maximiz
     prog_item, prog_block = program_table(device, tuple(blocks))
     _grouped_kernel[(prog_item.numel(),)](
         _to_device(table, torch.int64, device), _to_device(scalars, torch.float32, device), prog_item, prog_block,
-        1 - lr * weight_decay, beta1, beta2, eps, kind, maximize, pointers_aligned(items), BITMAP_BLOCK,
-        BLOCKS_PER_PROGRAM, _ROW,
-        num_warps=NUM_WARPS,
+        1 - lr * weight_decay, beta1, beta2, eps, kind, maximize, pointers_aligned(items), whole_tiles,
+        BITMAP_BLOCK, BLOCKS_PER_PROGRAM, _ROW, num_warps=NUM_WARPS,
     )

@@ -161,21 +161,28 @@ def adamw_steps_(jobs: list[StepJob], **hyper) -> None:
 
     The jobs the multi-tensor kernel (:func:`resu.compile.triton_adamw.grouped_adamw_triton_`) can take
     (fp32 CUDA tensors; compact targets, or bitmap-masked slots) are stepped by one launch per kind of
-    target (compact, pruned or active slots), the others
+    target (compact, pruned or active slots; compact or weight-shaped gradient), the others
     one by one. Every job is checked before anything is written."""
     for job in jobs:
         _check(job.target, job.grad, job.exp_avg, job.exp_avg_sq, ALL)
-    grouped = []
+    grouped, seen, again = [], set(), []
     for job in jobs:
         item = _grouped_item(job)
         if item is None:
             adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, **hyper)
+        elif (item[1].data_ptr(), item[0]) in seen:
+            # The same weight's slots again (a parameter listed twice): a launch steps them once, so the
+            # repeat is stepped after it, in list order, as one weight at a time would step them.
+            again.append(job)
         else:
+            seen.add((item[1].data_ptr(), item[0]))
             grouped.append(item)
     if grouped:
         from resu.compile.triton_adamw import grouped_adamw_triton_
 
         grouped_adamw_triton_(grouped, **hyper)
+    for job in again:
+        adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, **hyper)
 
 
 def _grouped_item(job: StepJob) -> Optional[tuple]:
