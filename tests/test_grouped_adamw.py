@@ -235,6 +235,21 @@ def _mixed_model(seed, device="cpu"):
     return model  # model[3] stays SPARSE, model[4] DENSE
 
 
+def _train_both(models, opts, gen, steps: int, device) -> None:
+    """``steps`` training steps of each model with its optimizer, on the same random batches."""
+    for _ in range(steps):
+        x = torch.randn(6, 24, generator=gen).to(device)
+        for model, opt in zip(models, opts):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _trained(p):
+    """What the optimizer steps of ``p``: QRESU's θ vector, or the weight itself."""
+    return p._theta if isinstance(p, resu.ResuParameter) and p._theta is not None else p.detach()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("force_kernels", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -255,17 +270,9 @@ def test_resu_adamw_grouped_equals_one_at_a_time(monkeypatch, device, force_kern
         real = triton_adamw.grouped_adamw_triton_
         monkeypatch.setattr(triton_adamw, "grouped_adamw_triton_", lambda items, **h: (launched.append(len(items)),
                                                                                         real(items, **h)))
-    gen = torch.Generator().manual_seed(seed + 10)
-    for _ in range(3):
-        x = torch.randn(6, 24, generator=gen).to(device)
-        for model, opt in zip(models, opts):
-            model(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+    _train_both(models, opts, torch.Generator().manual_seed(seed + 10), 3, device)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
-        a = p._theta if isinstance(p, resu.ResuParameter) and p._theta is not None else p.detach()
-        b = q._theta if isinstance(q, resu.ResuParameter) and q._theta is not None else q.detach()
-        _assert_same(a.reshape(-1), b.reshape(-1), "weight")
+        _assert_same(_trained(p).reshape(-1), _trained(q).reshape(-1), "weight")
         for key in ("exp_avg", "exp_avg_sq", "step"):
             _assert_same(opts[0].state[p][key], opts[1].state[q][key], key)
     # with the kernels on, the bitmap RESU weight, the QRESU θ and the SPARSE weight share one grouped call a step
@@ -285,15 +292,8 @@ def test_a_parameter_listed_twice_is_stepped_twice_as_one_at_a_time(monkeypatch)
         params = list(model.parameters())
         with pytest.warns(UserWarning, match="duplicate parameters"):
             opts.append(resu.ResuAdamW(params + params[:6], lr=1e-2, weight_decay=0.1, foreach=foreach))
-    x = torch.randn(6, 24, generator=torch.Generator().manual_seed(4))
-    for _ in range(2):
-        for model, opt in zip(models, opts):
-            model(x).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+    _train_both(models, opts, torch.Generator().manual_seed(4), 2, "cpu")
     for p, q in zip(models[0].parameters(), models[1].parameters()):
-        a = p._theta if isinstance(p, resu.ResuParameter) and p._theta is not None else p.detach()
-        b = q._theta if isinstance(q, resu.ResuParameter) and q._theta is not None else q.detach()
-        assert torch.equal(a, b)
+        assert torch.equal(_trained(p), _trained(q))
         assert torch.equal(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"])
     assert int(opts[0].state[models[0][0].weight]["step"]) == 4  # listed twice, two steps
