@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.triton_bitmap import BLOCK as BITMAP_BLOCK
 from resu.compile.triton_bitmap import cached_block_offsets, program_table, tile_ranks, tile_ranks_at
 from resu.compile.launch_checks import (
@@ -171,7 +172,7 @@ def compact_adamw_triton_(
         selector = selector.view(torch.uint8)
     selector = grad if selector is None else selector  # an unused pointer when SELECT_ALL
     threshold = selector if threshold is None else threshold
-    _compact_kernel[(triton.cdiv(n, BLOCK),)](
+    _compact_kernel[(cdiv(n, BLOCK),)](
         theta, grad, exp_avg, exp_avg_sq, selector, threshold, n,
         decay, beta1, beta2, eps, step_size, bc2, select_mode, maximize, BLOCK,
     )
@@ -200,7 +201,7 @@ def indexed_adamw_triton_(
     if k == 0:
         return
     decay, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
-    _indexed_kernel[(triton.cdiv(k, BLOCK),)](
+    _indexed_kernel[(cdiv(k, BLOCK),)](
         param.view(-1), param_index, grad, grad_index, exp_avg, exp_avg_sq, k,
         decay, beta1, beta2, eps, step_size, bc2, maximize, BLOCK,
     )
@@ -395,14 +396,14 @@ def _grouped_launch(kind, whole_tiles, items, *, lr, beta1, beta2, eps, weight_d
         _, step_size, bc2 = adamw_scalars(step, lr, beta1, beta2, weight_decay)
         if kind & 3 == KIND_COMPACT:
             bits = offsets = holder.data_ptr()  # unread
-            n_blocks = triton.cdiv(numel, BITMAP_BLOCK)
+            n_blocks = cdiv(numel, BITMAP_BLOCK)
         else:
             off = cached_block_offsets(storage, numel, kind & 3 == KIND_BITMAP_PRUNED)
             bits, offsets, n_blocks = storage.data_ptr(), off.data_ptr(), off.numel()
         table += [holder.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(), bits, offsets,
                   numel, kind]
         scalars += [step_size, bc2]
-        blocks.append(triton.cdiv(n_blocks, BLOCKS_PER_PROGRAM))
+        blocks.append(cdiv(n_blocks, BLOCKS_PER_PROGRAM))
     device = items[0][1].device
     prog_item, prog_block = program_table(device, tuple(blocks))
     _grouped_kernel[(prog_item.numel(),)](

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.launch_checks import check_launch_gather_bitmap
 
 BLOCK = 1024  # slots per program; a multiple of 8 so blocks start on byte boundaries
@@ -40,7 +41,7 @@ def _popcount_table(device: torch.device) -> torch.Tensor:
 
 def block_offsets(storage: torch.Tensor, numel: int, select_pruned: bool, block: int = BLOCK) -> torch.Tensor:
     """Exclusive prefix sum of selected slots per block of ``block`` slots (int32, one per block)."""
-    n_blocks = triton.cdiv(numel, block)
+    n_blocks = cdiv(numel, block)
     bytes_per_block = block // 8
     pop = _popcount_table(storage.device)[storage.to(torch.int64)]
     pop = torch.nn.functional.pad(pop, (0, n_blocks * bytes_per_block - pop.numel()))

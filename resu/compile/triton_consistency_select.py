@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.launch_checks import check_launch_consistency_pass
 from resu.compile.triton_sample_select import _count_buckets, _in_window, _prepare_kernel, _sample_rank_kernel
 from resu.compile.triton_select_finish import _extract_kernel, _final_kernel
@@ -108,15 +109,15 @@ def consistency_select_triton(
     check_launch_consistency_pass(grad, ema_m, ema_v, keys, screen.state[RESULT])
     if ps.m != pc.m:
         raise ValueError("consistency_select_triton: both plans must sample the same number of keys")
-    n_blocks = triton.cdiv(n, FUSED_BLOCK)
+    n_blocks = cdiv(n, FUSED_BLOCK)
     part_c = torch.empty(n_blocks, dtype=torch.float32, device=grad.device)
     hyper = (beta, 1 - beta, delta, tau)
-    _prepare_kernel[(triton.cdiv(max(ps.m, work.numel()), PREPARE_BLOCK),)](
+    _prepare_kernel[(cdiv(max(ps.m, work.numel()), PREPARE_BLOCK),)](
         grad, ema_m, ema_v, n, ps.m, *hyper, work, work.numel(),
         screen.sample_keys, screen.sample_codes, select.sample_keys, select.sample_codes,
         1, 2, True, maximize, ps.log_m, ps.m == n, PREPARE_BLOCK,
     )
-    _sample_rank_kernel[(triton.cdiv(ps.m, RANK_ROWS), 2)](
+    _sample_rank_kernel[(cdiv(ps.m, RANK_ROWS), 2)](
         n, ps.m, screen.split, screen.sample_keys, screen.sample_codes, ps.j_lo, ps.j_hi,
         select.split, select.sample_keys, select.sample_codes, pc.j_lo, pc.j_hi,
         False, False, ps.log_m, ps.m == n, RANK_ROWS, RANK_COLS,
@@ -128,14 +129,14 @@ def consistency_select_triton(
         maximize, ps.upper_open, ps.lower_open, ps.log_bins, pc.upper_open, pc.lower_open, pc.log_bins,
         PAD, FUSED_BLOCK, SUB, num_warps=8,
     )
-    _extract_kernel[(triton.cdiv(max(ps.cap, pc.cap), EXTRACT_BLOCK), 2)](
+    _extract_kernel[(cdiv(max(ps.cap, pc.cap), EXTRACT_BLOCK), 2)](
         screen.state, screen.counts, screen.flagged, screen.split, screen.buf, screen.small,
         k_screen, ps.cap, ps.small, ps.width,
         select.state, select.counts, select.split, select.buf, select.small, k_select, pc.cap, pc.small, pc.width,
         True, ps.bins, pc.bins, PAD, EXTRACT_BLOCK,
     )
     threshold = screen.state[THRESHOLD]  # starts at 0 (≤ every screen), raised to max(screen, select)
-    _final_kernel[(triton.cdiv(max(ps.small, pc.small), RANK_ROWS), 2)](
+    _final_kernel[(cdiv(max(ps.small, pc.small), RANK_ROWS), 2)](
         screen.state, screen.small, k_screen, ps.cap, ps.small, grad, keys,
         select.state, select.small, k_select, pc.cap, pc.small, keys, threshold, n,
         True, 1, 0, True, RANK_ROWS, RANK_COLS, FALLBACK_BLOCK,

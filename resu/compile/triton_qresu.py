@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.launch_checks import check_launch_dequant_merge
 from resu.compile.triton_bitmap import byte_prefix, cached_block_offsets
 from resu.tensors import mask as mask_ops
@@ -261,7 +262,7 @@ class _Plan:
         numel = rows * cols
         enc = _ENCODING_IDS[mask_ops.MaskEncoding(encoding).value]
         dec = _DECODE_IDS[decode]
-        self.grid = (triton.cdiv(numel, block),)
+        self.grid = (cdiv(numel, block),)
         self.bitmap = enc == 0
         self.lut = dec != 0
         self.zero_empty = decode == "nf4"  # NF4 stores no zero points: any valid pointer stands in

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.triton_select_finish import _extract_kernel, _final_kernel
 from resu.compile.triton_selective import _ema_step, _selection_key
 from resu.optim.consistency import SamplePlan, sample_plan
@@ -275,26 +276,26 @@ def sample_select_triton(keys: torch.Tensor, k: int, plan: SamplePlan | None = N
     plan = plan or sample_plan(n, k)
     work, (b,) = _select_buffers([plan], keys.device, flag_first=False)
     a, z = _pair([b])
-    _prepare_kernel[(triton.cdiv(max(plan.m, work.numel()), PREPARE_BLOCK),)](
+    _prepare_kernel[(cdiv(max(plan.m, work.numel()), PREPARE_BLOCK),)](
         keys, keys, keys, n, plan.m, 0.0, 0.0, 0.0, 0.0, work, work.numel(),
         b.sample_keys, b.sample_codes, b.sample_keys, b.sample_codes,
         0, 0, False, False, plan.log_m, plan.m == n, PREPARE_BLOCK,
     )
-    _sample_rank_kernel[(triton.cdiv(plan.m, RANK_ROWS), 1)](
+    _sample_rank_kernel[(cdiv(plan.m, RANK_ROWS), 1)](
         n, plan.m, a.split, a.sample_keys, a.sample_codes, plan.j_lo, plan.j_hi,
         z.split, z.sample_keys, z.sample_codes, plan.j_lo, plan.j_hi,
         True, True, plan.log_m, plan.m == n, RANK_ROWS, RANK_COLS,
     )
-    _window_pass_kernel[(triton.cdiv(n, WINDOW_BLOCK),)](
+    _window_pass_kernel[(cdiv(n, WINDOW_BLOCK),)](
         keys, n, b.split, b.state, b.counts, b.buf, plan.cap, plan.width,
         plan.upper_open, plan.lower_open, plan.log_bins, PAD, WINDOW_BLOCK, SUB, num_warps=8,
     )
-    _extract_kernel[(triton.cdiv(plan.cap, EXTRACT_BLOCK), 1)](
+    _extract_kernel[(cdiv(plan.cap, EXTRACT_BLOCK), 1)](
         a.state, a.counts, a.flagged, a.split, a.buf, a.small, k, plan.cap, plan.small, plan.width,
         z.state, z.counts, z.split, z.buf, z.small, k, plan.cap, plan.small, plan.width,
         False, plan.bins, plan.bins, PAD, EXTRACT_BLOCK,
     )
-    _final_kernel[(triton.cdiv(plan.small, RANK_ROWS), 1)](
+    _final_kernel[(cdiv(plan.small, RANK_ROWS), 1)](
         a.state, a.small, k, plan.cap, plan.small, keys, keys,
         z.state, z.small, k, plan.cap, plan.small, keys, a.state, n,
         False, 0, 0, False, RANK_ROWS, RANK_COLS, FALLBACK_BLOCK,

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.launch_checks import check_launch_consistency_pass
 
 BLOCK = 1024
@@ -71,7 +72,7 @@ def selection_keys_triton(grad: torch.Tensor) -> torch.Tensor:
     n = grad.numel()
     keys = torch.empty(n, dtype=torch.int64, device=grad.device)
     if n:
-        _keys_kernel[(triton.cdiv(n, BLOCK),)](grad, keys, n, BLOCK)
+        _keys_kernel[(cdiv(n, BLOCK),)](grad, keys, n, BLOCK)
     return keys
 
 
@@ -99,7 +100,7 @@ def consistency_pass_triton_(
     the eligible slots (P_mag ∩ P_con) and −1 elsewhere. Returns (ΣC, |P_mag ∩ P_con|) as 0-d tensors."""
     check_launch_consistency_pass(grad, ema_m, ema_v, keys, screen_threshold)
     n = grad.numel()
-    n_blocks = max(1, triton.cdiv(n, BLOCK))
+    n_blocks = max(1, cdiv(n, BLOCK))
     alloc = torch.empty if n else torch.zeros  # every program writes its own partial
     part_c = alloc(n_blocks, dtype=torch.float32, device=grad.device)
     part_n = alloc(n_blocks, dtype=torch.int32, device=grad.device)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resu.compile.grid import cdiv
 from resu.compile.triton_bitmap import BLOCK, NUM_WARPS, program_table, table_block_slots
 
 #: How a piece's slots are chosen: every slot; those its bitmap marks pruned; those it marks active.
@@ -59,7 +60,7 @@ def _unpack_kernel(src_ptr, dst_ptr, table_ptr, prog_item_ptr, prog_block_ptr, B
 
 def program_map(numels: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """(program -> piece, program -> block of that piece) for pieces of ``numels`` slots, on ``device``."""
-    return program_table(device, tuple(triton.cdiv(n, BLOCK) for n in numels))
+    return program_table(device, tuple(cdiv(n, BLOCK) for n in numels))
 
 
 def pack_(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor, prog_item: torch.Tensor, prog_block: torch.Tensor) -> None:
