@@ -108,3 +108,47 @@ def test_consistency_pass_refuses_emas_of_the_wrong_length():
             grad, torch.zeros(30, device=DEVICE), torch.zeros(29, device=DEVICE), keys,
             torch.tensor(0, device=DEVICE), beta=0.9, delta=1e-8, tau=0.5, maximize=False,
         )
+
+
+def test_grouped_fast_check_accepts_only_what_the_full_check_accepts():
+    """The grouped launcher's one-expression check of the common case never accepts an item that the
+    full checks refuse, and accepts the valid ones (else every step would take the slow path)."""
+    from resu.compile import launch_checks as lc
+
+    _, storage, k = _bitmap(3)
+    numel = SHAPE[0] * SHAPE[1]
+    dev = storage.device
+    f = dict(device=DEVICE)
+
+    def valid(kind):
+        n = {0: 50, 1: k, 2: numel - k}[kind & 3]
+        holder = torch.zeros(50 if kind & 3 == 0 else numel, **f)
+        grad = torch.zeros(numel if kind & 4 else n, **f)
+        return [kind, holder, grad, torch.zeros(n, **f), torch.zeros(n, **f), 1, None if kind == 0 else storage, n]
+
+    def variants(item):
+        kind, holder, grad, m, v, step, st, n = item
+        yield "n past numel", [kind, holder, grad, m, v, step, st, holder.numel() + 1]
+        yield "n negative", [kind, holder, grad, m, v, step, st, -1]
+        yield "kind 3", [3, holder, grad, m, v, step, st, n]
+        yield "short exp_avg", [kind, holder, grad, m[:-1], v, step, st, n]
+        yield "long exp_avg_sq", [kind, holder, grad, m, torch.zeros(n + 1, **f), step, st, n]
+        yield "short grad", [kind, holder, grad[:-1], m, v, step, st, n]
+        yield "bf16 grad", [kind, holder, grad.bfloat16(), m, v, step, st, n]
+        yield "fp64 holder", [kind, holder.double(), grad, m, v, step, st, n]
+        yield "strided exp_avg", [kind, holder, grad, torch.zeros(2 * n, **f)[::2], v, step, st, n]
+        yield "meta holder", [kind, torch.zeros(holder.numel(), device="meta"), grad, m, v, step, st, n]
+        yield "not a tensor", [kind, holder, grad.tolist(), m, v, step, st, n]
+        if kind & 3:
+            yield "short storage", [kind, holder, grad, m, v, step, st[:-1], n]
+            yield "int8 storage", [kind, holder, grad, m, v, step, st.view(torch.int8), n]
+            yield "no storage", [kind, holder, grad, m, v, step, None, n]
+
+    for kind in (0, 1, 2, 5, 6):
+        item = valid(kind)
+        assert lc._grouped_item_accepts(item, dev), kind
+        lc._check_grouped_item("grouped_adamw", 0, item, dev)
+        for what, bad in variants(item):
+            with pytest.raises(ValueError):  # every variant is invalid: the full check names it
+                lc._check_grouped_item("grouped_adamw", 0, bad, dev)
+            assert not lc._grouped_item_accepts(bad, dev), (kind, what)

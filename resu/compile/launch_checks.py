@@ -99,21 +99,52 @@ def check_launch_grouped_adamw(items) -> None:
         if first != i and item[1].numel():
             raise ValueError(f"{launcher}: `items[{i}].holder` is the weight of items[{first}], with the same kind; "
                              "a launch steps each weight's slots once (it writes whole tiles): pass each weight once")
-    for i, (kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected) in enumerate(items):
-        numel = holder.numel()
-        _need(launcher, f"items[{i}].holder", holder, dtype=torch.float32, device=device)
-        _need_count(launcher, f"items[{i}].n_selected", n_selected, numel)
-        where = kind & 3
-        if where == 0 and n_selected != numel:
-            raise _launch_error(launcher, f"items[{i}].n_selected", f"{numel} (a compact vector)", n_selected)
-        if where in (1, 2):
-            _need_bitmap(launcher, storage, numel, device)
-        elif where != 0:
-            raise _launch_error(launcher, f"items[{i}].kind", "a KIND_* code", kind)
-        _need(launcher, f"items[{i}].grad", grad, numel=numel if kind & 4 else n_selected, dtype=torch.float32,
-              device=device)
-        for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-            _need(launcher, f"items[{i}].{arg}", t, numel=n_selected, dtype=torch.float32, device=device)
+    for i, item in enumerate(items):
+        if not _grouped_item_accepts(item, device):
+            _check_grouped_item(launcher, i, item, device)
+
+
+def _grouped_item_accepts(item, device) -> bool:
+    """The common case of one item of :func:`check_launch_grouped_adamw` in one expression (an optimizer
+    step checks every weight); anything else goes through :func:`_check_grouped_item`, which raises the
+    error naming the argument."""
+    kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected = item
+    f32 = torch.float32
+    try:
+        numel, where = holder.numel(), kind & 3
+        return (
+            type(n_selected) is int and 0 <= n_selected <= numel
+            and (n_selected == numel if where == 0 else
+                 where in (1, 2) and storage.dtype is torch.uint8 and storage.numel() == (numel + 7) // 8
+                 and storage.is_contiguous() and storage.device == device)
+            and grad.numel() == (numel if kind & 4 else n_selected)
+            and exp_avg.numel() == n_selected and exp_avg_sq.numel() == n_selected
+            and holder.dtype is f32 and grad.dtype is f32 and exp_avg.dtype is f32 and exp_avg_sq.dtype is f32
+            and holder.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous()
+            and exp_avg_sq.is_contiguous()
+            and holder.device == device and grad.device == device and exp_avg.device == device
+            and exp_avg_sq.device == device
+        )
+    except (AttributeError, TypeError):  # not tensors, or not an int kind: the full checks say what
+        return False
+
+
+def _check_grouped_item(launcher, i, item, device) -> None:
+    kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected = item
+    _need(launcher, f"items[{i}].holder", holder, dtype=torch.float32, device=device)
+    numel = holder.numel()
+    _need_count(launcher, f"items[{i}].n_selected", n_selected, numel)
+    where = kind & 3
+    if where == 0 and n_selected != numel:
+        raise _launch_error(launcher, f"items[{i}].n_selected", f"{numel} (a compact vector)", n_selected)
+    if where in (1, 2):
+        _need_bitmap(launcher, storage, numel, device)
+    elif where != 0:
+        raise _launch_error(launcher, f"items[{i}].kind", "a KIND_* code", kind)
+    _need(launcher, f"items[{i}].grad", grad, numel=numel if kind & 4 else n_selected, dtype=torch.float32,
+          device=device)
+    for arg, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _need(launcher, f"items[{i}].{arg}", t, numel=n_selected, dtype=torch.float32, device=device)
 
 
 def check_launch_dequant_merge(

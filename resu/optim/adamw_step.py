@@ -189,7 +189,9 @@ def _grouped_item(job: StepJob) -> Optional[tuple]:
     """The grouped kernel's description of ``job``, or None when it must be stepped on its own."""
     target, grad = job.target, job.grad.reshape(-1)
     tensors = (holder(target), grad, job.exp_avg, job.exp_avg_sq)
-    if any(t.dtype != torch.float32 for t in tensors) or not registry.use_triton(*tensors):
+    f32 = torch.float32
+    if not (tensors[0].dtype is f32 and grad.dtype is f32 and job.exp_avg.dtype is f32
+            and job.exp_avg_sq.dtype is f32 and registry.use_triton(*tensors)):
         return None
     from resu.compile import triton_adamw as ta
 
