@@ -297,3 +297,30 @@ def test_a_parameter_listed_twice_is_stepped_twice_as_one_at_a_time(monkeypatch)
         assert torch.equal(_trained(p), _trained(q))
         assert torch.equal(opts[0].state[p]["exp_avg"], opts[1].state[q]["exp_avg"])
     assert int(opts[0].state[models[0][0].weight]["step"]) == 4  # listed twice, two steps
+
+
+def test_the_same_slots_twice_in_one_call_step_in_list_order(monkeypatch):
+    """One weight's pruned slots listed twice in one call, once with a weight-shaped gradient and once
+    with a compact one (different kinds, so different launches): the second is stepped after the launch,
+    in list order, as one job at a time would step them."""
+    if torch.cuda.is_available():
+        pytest.skip("Triton's interpreter runs the kernels on CPU tensors only on CPU-only machines")
+    monkeypatch.setattr(registry, "use_triton", lambda *tensors: True)
+    gen = torch.Generator().manual_seed(9)
+    other, w = _bitmap_case(gen, (20, 30), 0.5, True, False), _bitmap_case(gen, (24, 40), 0.5, True, True)
+    compact_grad = torch.randn(w["n_sel"], generator=gen)
+
+    def jobs(o, c):
+        def slots(case):
+            return A.MaskedSlots(case["weight"], case["storage"], mask_ops.MaskEncoding.BITMAP, case["k"], True)
+        return [A.StepJob(slots(o), o["grad"], o["m"], o["v"], 1),
+                A.StepJob(slots(c), c["grad"], c["m"], c["v"], 1),  # weight-shaped gradient
+                A.StepJob(slots(c), compact_grad, c["m"], c["v"], 2)]
+
+    one_by_one, grouped = [(_clone(other), _clone(w)) for _ in range(2)]
+    for job in jobs(*one_by_one):
+        A.adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, **HYPER, maximize=False)
+    A.adamw_steps_(jobs(*grouped), **HYPER, maximize=False)
+    for a, b in zip(one_by_one, grouped):
+        for key in ("weight", "m", "v"):
+            assert torch.equal(a[key], b[key]), key

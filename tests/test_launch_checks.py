@@ -110,7 +110,7 @@ def test_consistency_pass_refuses_emas_of_the_wrong_length():
         )
 
 
-def test_grouped_fast_check_accepts_only_what_the_full_check_accepts():
+def test_grouped_fast_check_accepts_only_what_the_full_check_accepts(monkeypatch):
     """The grouped launcher's one-expression check of the common case never accepts an item that the
     full checks refuse, and accepts the valid ones (else every step would take the slow path)."""
     from resu.compile import launch_checks as lc
@@ -135,16 +135,25 @@ def test_grouped_fast_check_accepts_only_what_the_full_check_accepts():
         yield "long exp_avg_sq", [kind, holder, grad, m, torch.zeros(n + 1, **f), step, st, n]
         yield "short grad", [kind, holder, grad[:-1], m, v, step, st, n]
         yield "bf16 grad", [kind, holder, grad.bfloat16(), m, v, step, st, n]
-        yield "fp64 holder", [kind, holder.double(), grad, m, v, step, st, n]
-        yield "strided exp_avg", [kind, holder, grad, torch.zeros(2 * n, **f)[::2], v, step, st, n]
-        yield "meta holder", [kind, torch.zeros(holder.numel(), device="meta"), grad, m, v, step, st, n]
         yield "not a tensor", [kind, holder, grad.tolist(), m, v, step, st, n]
+        yield "bool count", [kind, holder, grad, m, v, step, st, True]
+        for i, name in ((1, "holder"), (2, "grad"), (3, "exp_avg"), (4, "exp_avg_sq")):
+            t = item[i]
+            strided = torch.zeros(2 * t.numel(), dtype=t.dtype, device=t.device)[::2]
+            yield f"strided {name}", item[:i] + [strided] + item[i + 1:]
+            yield f"fp64 {name}", item[:i] + [t.double()] + item[i + 1:]
+            yield f"meta {name}", item[:i] + [torch.zeros(t.numel(), device="meta")] + item[i + 1:]
         if kind & 3:
             yield "short storage", [kind, holder, grad, m, v, step, st[:-1], n]
             yield "int8 storage", [kind, holder, grad, m, v, step, st.view(torch.int8), n]
             yield "no storage", [kind, holder, grad, m, v, step, None, n]
+            yield "strided storage", [kind, holder, grad, m, v, step, torch.zeros(2 * st.numel(), dtype=torch.uint8,
+                                                                             device=st.device)[::2], n]
+            yield "meta storage", [kind, holder, grad, m, v, step, torch.zeros(st.numel(), dtype=torch.uint8,
+                                                                         device="meta"), n]
 
-    for kind in (0, 1, 2, 5, 6):
+    kinds = (0, 1, 2, 5, 6)
+    for kind in kinds:
         item = valid(kind)
         assert lc._grouped_item_accepts(item, dev), kind
         lc._check_grouped_item("grouped_adamw", 0, item, dev)
@@ -152,3 +161,16 @@ def test_grouped_fast_check_accepts_only_what_the_full_check_accepts():
             with pytest.raises(ValueError):  # every variant is invalid: the full check names it
                 lc._check_grouped_item("grouped_adamw", 0, bad, dev)
             assert not lc._grouped_item_accepts(bad, dev), (kind, what)
+    one = [0, torch.zeros(1, **f), torch.zeros(1, **f), torch.zeros(1, **f), torch.zeros(1, **f), 1, None, 1]
+    assert lc._grouped_item_accepts(one, dev)
+    one[7] = True  # a bool is not a count
+    with pytest.raises(ValueError):
+        lc._check_grouped_item("grouped_adamw", 0, one, dev)
+    assert not lc._grouped_item_accepts(one, dev)
+    # past the kernel's int32 offsets (the limit lowered here: a tensor of 2^31 slots does not fit a test)
+    monkeypatch.setattr(lc, "MAX_NUMEL", 40)
+    for kind in kinds:
+        item = valid(kind)
+        with pytest.raises(ValueError, match="at most 40 elements"):
+            lc._check_grouped_item("grouped_adamw", 0, item, dev)
+        assert not lc._grouped_item_accepts(item, dev)

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
+from resu.tensors.mask_checks import MAX_NUMEL
 from resu.tensors.mask_kernels import MaskEncoding, _storage_dtype, _storage_len
 from resu.tensors.quantized import BITS, DECODES, DOUBLE_QUANT_GROUP
 from resu.tensors.validate import _is_int
@@ -89,15 +90,17 @@ def check_launch_adamw_bitmap(
 def check_launch_grouped_adamw(items) -> None:
     """Before ``triton_adamw.grouped_adamw_triton_``: per weight, fp32 contiguous tensors on one device,
     states of ``n_selected`` entries, a gradient of ``n_selected`` (compact) or ``numel`` (``GRAD_DENSE``)
-    values, and for a bitmap kind the mask bytes of ``numel`` slots; no weight twice with the same kind (the
-    kernel writes whole tiles of a weight). The kernel reads raw fp32 pointers."""
+    values, and for a bitmap kind the mask bytes of ``numel`` slots; at most ``MAX_NUMEL`` slots a weight
+    (int32 offsets); no weight twice with the same slots (pruned or active: the kernel writes whole tiles
+    of a weight, and the launches of one call do not run in list order). The kernel reads raw fp32
+    pointers."""
     launcher = "grouped_adamw"
     device = items[0][1].device if items else None
     seen = {}
     for i, item in enumerate(items):
-        first = seen.setdefault((item[1].data_ptr(), item[0]), i)
+        first = seen.setdefault((item[1].data_ptr(), item[0] & 3), i)
         if first != i and item[1].numel():
-            raise ValueError(f"{launcher}: `items[{i}].holder` is the weight of items[{first}], with the same kind; "
+            raise ValueError(f"{launcher}: `items[{i}].holder` is the weight of items[{first}], with the same slots; "
                              "a launch steps each weight's slots once (it writes whole tiles): pass each weight once")
     for i, item in enumerate(items):
         if not _grouped_item_accepts(item, device):
@@ -113,7 +116,7 @@ def _grouped_item_accepts(item, device) -> bool:
     try:
         numel, where = holder.numel(), kind & 3
         return (
-            type(n_selected) is int and 0 <= n_selected <= numel
+            numel <= MAX_NUMEL and type(n_selected) is int and 0 <= n_selected <= numel
             and (n_selected == numel if where == 0 else
                  where in (1, 2) and storage.dtype is torch.uint8 and storage.numel() == (numel + 7) // 8
                  and storage.is_contiguous() and storage.device == device)
@@ -133,6 +136,8 @@ def _check_grouped_item(launcher, i, item, device) -> None:
     kind, holder, grad, exp_avg, exp_avg_sq, _step, storage, n_selected = item
     _need(launcher, f"items[{i}].holder", holder, dtype=torch.float32, device=device)
     numel = holder.numel()
+    if numel > MAX_NUMEL:  # the kernel's block offsets are int32
+        raise _launch_error(launcher, f"items[{i}].holder", f"at most {MAX_NUMEL} elements", numel)
     _need_count(launcher, f"items[{i}].n_selected", n_selected, numel)
     where = kind & 3
     if where == 0 and n_selected != numel:

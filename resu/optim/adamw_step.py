@@ -170,12 +170,12 @@ def adamw_steps_(jobs: list[StepJob], **hyper) -> None:
         item = _grouped_item(job)
         if item is None:
             adamw_step_(job.target, job.grad, job.exp_avg, job.exp_avg_sq, job.step, **hyper)
-        elif (item[1].data_ptr(), item[0]) in seen:
+        elif (item[1].data_ptr(), item[0] & 3) in seen:
             # The same weight's slots again (a parameter listed twice): a launch steps them once, so the
             # repeat is stepped after it, in list order, as one weight at a time would step them.
             again.append(job)
         else:
-            seen.add((item[1].data_ptr(), item[0]))
+            seen.add((item[1].data_ptr(), item[0] & 3))
             grouped.append(item)
     if grouped:
         from resu.compile.triton_adamw import grouped_adamw_triton_
