@@ -115,25 +115,24 @@ def _step_weight_tile(
     slot would forbid vector loads and stores. Chosen by :func:`whole_tiles_pay` (when enough slots are
     selected that nearly every 32-byte sector holds one, the traffic is about the same), and only for
     a weight no other program of the launch writes (the caller's guarantee)."""
-    if WHOLE_TILE:
+    if not WHOLE_TILE:
+        _step_slots(w_ptr, offs, g_ptr, g_offs, m_ptr, v_ptr, s_offs, sel,
+                    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, MAXIMIZE)
+    else:
         if in_bounds is None:
             w_old = tl.load(w_ptr + offs)
         else:
             w_old = tl.load(w_ptr + offs, mask=in_bounds, other=0)
-    else:
-        w_old = tl.load(w_ptr + offs, mask=sel, other=0)
-    g = _load_f32(g_ptr + g_offs, sel)
-    if MAXIMIZE:
-        g = -g
-    m = _load_f32(m_ptr + s_offs, sel)
-    v = _load_f32(v_ptr + s_offs, sel)
-    w, m, v = adamw_math(w_old.to(tl.float32), g, m, v, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    if WHOLE_TILE:
+        g = _load_f32(g_ptr + g_offs, sel)
+        if MAXIMIZE:
+            g = -g
+        m = _load_f32(m_ptr + s_offs, sel)
+        v = _load_f32(v_ptr + s_offs, sel)
+        w, m, v = adamw_math(w_old.to(tl.float32), g, m, v, decay, beta1, beta2, eps, step_size,
+                             bias_correction2_sqrt)
         tl.store(w_ptr + offs, tl.where(sel, w.to(w_ptr.dtype.element_ty), w_old), mask=in_bounds)
-    else:
-        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=sel)
-    tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
-    tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
+        tl.store(m_ptr + s_offs, m.to(m_ptr.dtype.element_ty), mask=sel)
+        tl.store(v_ptr + s_offs, v.to(v_ptr.dtype.element_ty), mask=sel)
 
 
 def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, weight_decay: float) -> tuple[float, float, float]:
